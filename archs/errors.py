@@ -1,0 +1,33 @@
+"""Exception types of FlexSR: one per kind of failure, each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+from spandrel import UnsupportedModelError as _SpandrelUnsupported
+
+
+class FlexSRError(Exception):
+    """Base class of every error FlexSR raises on purpose."""
+
+
+class CheckpointNotFoundError(FlexSRError, FileNotFoundError):
+    """The checkpoint path does not exist or is not a file."""
+
+
+class CorruptCheckpointError(FlexSRError, ValueError):
+    """The file is empty, truncated, or not a model checkpoint at all."""
+
+
+class UnsafeCheckpointError(FlexSRError, ValueError):
+    """The file is a pickle that would import or run code beyond plain tensors; it was not executed."""
+
+
+class UnsupportedModelError(FlexSRError, _SpandrelUnsupported):
+    """No known architecture (FlexSR's or spandrel's) matches the state dict."""
+
+
+class IncompatibleWeightsError(FlexSRError, ValueError):
+    """The architecture was recognised, but the weights do not fit it (wrong shapes, missing or extra keys)."""
+
+
+class BadImageError(FlexSRError, ValueError):
+    """An input image cannot be processed (wrong shape, channels, NaN/Inf, mixed sizes)."""
