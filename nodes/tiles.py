@@ -162,9 +162,16 @@ def split_tile(tile: Tile, height: int, width: int, size: int, layout: Layout) -
     mp = max(layout.blend, 1)
     ys = split_range(tile.y.start, tile.y.end, size, layout.align, mp)
     xs = split_range(tile.x.start, tile.x.end, size, layout.align, mp)
-    y_spans = _spans(ys, height, layout, tile.y.blend_start, tile.y.blend_end)
-    x_spans = _spans(xs, width, layout, tile.x.blend_start, tile.x.blend_end)
+    y_spans = _collapse(_spans(ys, height, layout, tile.y.blend_start, tile.y.blend_end), tile.y, height)
+    x_spans = _collapse(_spans(xs, width, layout, tile.x.blend_start, tile.x.blend_end), tile.x, width)
     return [Tile(tile.index, y, x) for y in y_spans for x in x_spans]
+
+
+def _collapse(spans: list[Span], region: Span, length: int) -> list[Span]:
+    """One span instead of several whose windows all are the whole axis (same work, fewer runs)."""
+    if len(spans) > 1 and all(sp.lo == 0 and sp.hi == length for sp in spans):
+        return [Span(region.start, region.end, 0, length, region.blend_start, region.blend_end)]
+    return spans
 
 
 def resplit(tiles: Iterable[Tile], height: int, width: int, size: int, layout: Layout) -> list[Tile]:
