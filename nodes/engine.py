@@ -286,6 +286,7 @@ class TileRunner:
         s = self.model.scale
         pending = plan_tiles(B, H, W, self.tile, self.layout)
         self.report.plan = describe(pending)
+        self.report.context = self.layout.context if len(pending) > B else 0
         done = 0
         while pending:
             self.check_cancel()
@@ -535,8 +536,6 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     budget, bpp = memory_budget(model, device, dtype, layout)
     tile = tile_size if tile_size and tile_size > 0 else auto_tile(budget, bpp, layout, h, w, b)
     batch = auto_batch(budget, bpp, layout, tile, h, w)
-    report.context = layout.context if max(h, w) > layout.tile_size(tile) else 0
-
     runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]
