@@ -47,7 +47,7 @@ MAX_PASSES = 4
 #: Smallest tile (px) the out-of-memory fallback goes down to.
 MIN_TILE = 32
 #: CPU working-set cap: larger tiles do not run faster on a CPU, they only take memory.
-CPU_WORKSET = 1 << 30
+CPU_WORKSET = 2 << 30
 MAX_BATCH = 16
 _ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
 
@@ -169,10 +169,10 @@ def resolve_precision(requested: str, model, device: torch.device) -> torch.dtyp
 
 
 def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
-    """A generous estimate of the working memory per input pixel of one model call.
+    """A generous static estimate of one model call's working memory per input pixel.
 
     The widest layer's activations a dozen times over at input resolution, the same again for the
-    layers that run at output resolution, and the float32 output.
+    layers that may run at output resolution, and the float32 output.
     """
     width = 1
     for m in model.model.modules():
@@ -183,49 +183,81 @@ def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
     return int(elem * width * (12 + 2 * s2) + 4 * model.output_channels * s2 * 3)
 
 
-def measure_bytes_per_pixel(model, dtype: torch.dtype, device: torch.device, side: int) -> Optional[int]:
-    """Peak CUDA memory per input pixel of one ``side``² call (None when it cannot be measured)."""
-    if device.type != "cuda":
-        return None
+def _cache(model) -> dict:
     cache = getattr(model, "_flexsr_bpp", None)
     if not isinstance(cache, dict):
         cache = {}
-    key = (str(dtype), str(device))
+        try:
+            model._flexsr_bpp = cache
+        except AttributeError:
+            pass
+    return cache
+
+
+@torch.inference_mode()
+def measure_bytes_per_pixel(model, dtype: torch.dtype, device: torch.device, side: int) -> Optional[int]:
+    """Working memory per input pixel of one model call, measured on a ``side``² probe.
+
+    CUDA: the allocator's peak. CPU: forward hooks record every module's output; the three largest
+    live at once, with half again for the allocator and whatever functional ops add, plus the output.
+    None when the probe fails (the static estimate is used then).
+    """
+    cache = _cache(model)
+    key = (str(dtype), device.type, side)
     if key in cache:
         return cache[key]
+    x = torch.rand(1, model.input_channels, side, side, device=device, dtype=model.dtype)
     try:
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        x = torch.rand(1, model.input_channels, side, side, device=device, dtype=model.dtype)
-        with _autocast(device, dtype, model.dtype):
-            model(x)
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with _autocast(device, dtype, model.dtype):
+                model(x)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+            bpp = int(peak * 1.25 / (side * side)) + 1
+        else:
+            sizes: list[int] = []
+
+            def hook(_module, _inputs, output):
+                if isinstance(output, Tensor):
+                    sizes.append(output.numel() * output.element_size())
+
+            handles = [m.register_forward_hook(hook) for m in model.model.modules()]
+            try:
+                with _autocast(device, dtype, model.dtype):
+                    y = model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            top = sum(sorted(sizes, reverse=True)[:3])
+            bpp = int((top * 1.5 + 2 * y.numel() * 4) / (side * side)) + 1
     except Exception as e:  # out of memory already, or an odd model: fall back to the estimate
         log.debug("FlexSR: memory probe failed: %s", e)
-        host.empty_cache()
+        if device.type == "cuda":
+            host.empty_cache()
         return None
-    bpp = int(peak / (side * side) * 1.25) + 1
     cache[key] = bpp
-    try:
-        model._flexsr_bpp = cache
-    except AttributeError:
-        pass
     return bpp
 
 
-def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layout) -> tuple[float, int]:
-    """(bytes the tiles may use, bytes per input pixel of a model call) on ``device``."""
+def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layout,
+                  probe: bool = True) -> tuple[float, int]:
+    """(bytes the tiles may use, bytes per input pixel of a model call) on ``device``.
+
+    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`), else estimated.
+    """
     if device.type == "cuda":
         budget = host.free_memory(device) * 0.8
         if model.device != device:
             budget -= model_bytes(model)
-        probe = max(layout.align, 64 // layout.align * layout.align)
-        bpp = measure_bytes_per_pixel(model, dtype, device, probe) or estimate_bytes_per_pixel(model, dtype)
     else:
         budget = min(host.available_ram() * 0.4, CPU_WORKSET)
-        bpp = estimate_bytes_per_pixel(model, dtype)
+    side = max(layout.align, 64 // layout.align * layout.align)
+    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate_bytes_per_pixel(
+        model, dtype
+    )
     return max(budget, 0.0), max(bpp, 1)
 
 
@@ -533,8 +565,9 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     src_bchw = image.permute(0, 3, 1, 2)
 
     layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
-    budget, bpp = memory_budget(model, device, dtype, layout)
-    tile = tile_size if tile_size and tile_size > 0 else auto_tile(budget, bpp, layout, h, w, b)
+    auto = not (tile_size and tile_size > 0)
+    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto)
+    tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
     batch = auto_batch(budget, bpp, layout, tile, h, w)
     runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
     for job in jobs:
