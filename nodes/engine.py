@@ -310,6 +310,7 @@ class TileRunner:
         self.on_progress = on_progress
         self.oom = host.oom_types()
         self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
+        self.used_batch = 1
 
     @torch.inference_mode()
     def run(self, src: Tensor, dst: Tensor, pre=None, post=None) -> None:
@@ -339,8 +340,9 @@ class TileRunner:
             pending = [t for t in pending if id(t) not in taken]
             done += len(group)
             self.report.tiles += len(group)
+            self.used_batch = max(self.used_batch, len(group))
             self.on_progress(sum(t.core_area for t in group))
-        self.report.batch = self.batch
+        self.report.batch = self.used_batch
 
     def _take(self, pending: Sequence[Tile]) -> list[Tile]:
         shape = pending[0].window_shape

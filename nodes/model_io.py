@@ -165,6 +165,7 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a model file is an ordinary file
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -174,6 +175,12 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
             os.unlink(tmp)
     log.info("FlexSR: saved %s", target)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _publish_new(tmp: Path, target: Path) -> None:

@@ -5,11 +5,13 @@
 import { app } from "../../scripts/app.js";
 
 const PANEL = "flexsr_panel";
+const LINE_PX = 16;
+const MAX_PX = 220;
 const KEYS = ["flexsr_plan", "flexsr_info"];
 const STYLE =
   "white-space: pre-wrap; font: 11px/1.35 monospace; color: var(--input-text, #ddd);" +
   "background: var(--comfy-input-bg, #222); border-radius: 4px; padding: 4px 6px; margin: 0;" +
-  "overflow: auto; max-height: 160px; box-sizing: border-box; width: 100%;";
+  "overflow: auto; box-sizing: border-box; width: 100%; height: 100%;";
 
 /** The text a FlexSR node reported, or null. */
 export function reportedText(message) {
@@ -38,15 +40,18 @@ export function showText(node, text) {
       setValue: (v) => {
         element.textContent = v ?? "";
       },
+      // room for every line (ComfyUI sizes DOM widgets from these)
+      getMinHeight: () => Math.min(LINE_PX * (widget?.flexsrLines ?? 1) + 18, MAX_PX),
+      getMaxHeight: () => MAX_PX,
     });
     widget.serialize = false; // not a backend input: keep it out of widgets_values and the prompt
     widget.flexsrElement = element;
   }
   widget.flexsrElement.textContent = text;
   widget.flexsrElement.title = text;
-  const lines = text.split("\n").length;
+  widget.flexsrLines = text.split("\n").length;
   const wanted = node.computeSize ? node.computeSize() : node.size;
-  node.setSize?.([Math.max(node.size?.[0] ?? 0, 260), Math.max(wanted[1], (node.size?.[1] ?? 0), 60 + 14 * lines)]);
+  node.setSize?.([Math.max(node.size?.[0] ?? 0, wanted[0], 260), Math.max(wanted[1], node.size?.[1] ?? 0)]);
   node.setDirtyCanvas?.(true, true);
   return widget;
 }
