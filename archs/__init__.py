@@ -23,6 +23,7 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch  # after .registry, which it imports
 
 __all__ = [
     "BadImageError",
@@ -32,6 +33,10 @@ __all__ = [
     "IncompatibleWeightsError",
     "UnsafeCheckpointError",
     "UnsupportedModelError",
+    "EIMN",
+    "EIMN_A",
+    "EIMN_L",
+    "EIMNArch",
     "ReparamModule",
     "fusable_modules",
     "fuse",
