@@ -23,6 +23,7 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .transformer_sr import SR, TransformerSR, load_transformer_sr
 
 __all__ = [
     "BadImageError",
@@ -43,4 +44,7 @@ __all__ = [
     "install",
     "load_model",
     "read_state_dict",
+    "SR",
+    "TransformerSR",
+    "load_transformer_sr",
 ]
