@@ -406,7 +406,7 @@ class TransformerSRArch(FlexSRArchitecture):
         try:
             check_heads(dim, heads)
         except ValueError as e:
-            how = "the published default 16" if num_heads is None else f"num_heads={heads}"
+            how = f"the published default {heads}" if num_heads is None else f"num_heads={heads}"
             raise IncompatibleWeightsError(
                 f"This TransformerSR checkpoint has dim={dim}, and {how} does not fit it: {e} The number of "
                 f"heads is not stored in the weights; pass num_heads=..., or name the file '..._w<N>_h<M>.pt'."

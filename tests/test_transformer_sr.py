@@ -349,12 +349,14 @@ def test_does_not_claim_other_families():
     ]
     for sd in foreign:
         assert not arch.detect(sd)
+    ours = (tiny_sr().state_dict(), tiny_old().state_dict())
     for other in archs.REGISTRY.architectures("insertion"):
         if other.architecture.id == "TransformerSR":
             continue
         with torch.device("meta"):
             sd = other.architecture.signature_model().state_dict()
         assert not arch.detect(sd), other.architecture.id
+        assert not any(other.detect(o) for o in ours), other.architecture.id
 
 
 def test_installed_into_spandrel_loads_both_schemes():
