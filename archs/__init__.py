@@ -23,6 +23,7 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it builds REGISTRY from the families)
 
 __all__ = [
     "BadImageError",
@@ -35,6 +36,9 @@ __all__ = [
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "FlexNet",
+    "FlexNetArch",
+    "MetaFlexNet",
     "REGISTRY",
     "FlexSRArchitecture",
     "canonical_state_dict",
