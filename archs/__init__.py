@@ -23,6 +23,7 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it builds REGISTRY from the families)
 from .transformer_sr import SR, TransformerSR, load_transformer_sr
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "FlexNet",
+    "FlexNetArch",
+    "MetaFlexNet",
     "REGISTRY",
     "FlexSRArchitecture",
     "canonical_state_dict",

@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ("transformer_sr",)
+FAMILY_MODULES: tuple[str, ...] = ("flexnet", "transformer_sr")
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
