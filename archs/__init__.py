@@ -23,7 +23,9 @@ from .registry import (
     load_model,
     read_state_dict,
 )
-from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch  # after .registry, which it imports
+from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it builds REGISTRY from the families)
+from .transformer_sr import SR, TransformerSR, load_transformer_sr
+from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch
 
 __all__ = [
     "BadImageError",
@@ -40,6 +42,9 @@ __all__ = [
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "FlexNet",
+    "FlexNetArch",
+    "MetaFlexNet",
     "REGISTRY",
     "FlexSRArchitecture",
     "canonical_state_dict",
@@ -48,4 +53,7 @@ __all__ = [
     "install",
     "load_model",
     "read_state_dict",
+    "SR",
+    "TransformerSR",
+    "load_transformer_sr",
 ]
