@@ -239,6 +239,13 @@ def test_no_spandrel_builtin_claims_eimn():
     assert claimed == []
 
 
+def test_spandrel_loads_eimn_once_installed():
+    registry = archs.install(spandrel.MAIN_REGISTRY.copy())  # a copy: spandrel's global stays untouched
+    desc = registry.load(_eimn_state_dict())
+    assert isinstance(desc.model, EIMN) and desc.architecture.id == "EIMN"
+    assert not desc.model.training
+
+
 @pytest.mark.parametrize(
     "damage",
     [
