@@ -24,7 +24,14 @@ from .registry import (
     read_state_dict,
 )
 
+# Family modules after the registry (which imports them while it builds REGISTRY).
+from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
+
 __all__ = [
+    "LMLT",
+    "LMLT_tiny",
+    "LMLT_base",
+    "LMLT_large",
     "BadImageError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
