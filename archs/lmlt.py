@@ -26,6 +26,7 @@ from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
 from .blocks import pad_to_multiple, window_partition, window_reverse
+from .errors import IncompatibleWeightsError
 from .registry import FlexSRArchitecture
 
 #: Number of resolution levels in each LHSB (fixed in the reference): the channels are split in this many chunks.
@@ -194,32 +195,60 @@ class LMLT(nn.Module):
         return x[..., : h * self.scale, : w * self.scale]
 
 
+#: The published configurations (all 8 blocks, ``ffn_scale`` 2); the scale is chosen per checkpoint.
+PRESETS: dict[str, dict] = {
+    "tiny": {"dim": 36, "n_blocks": 8, "ffn_scale": 2.0},
+    "base": {"dim": 60, "n_blocks": 8, "ffn_scale": 2.0},
+    "large": {"dim": 84, "n_blocks": 8, "ffn_scale": 2.0},
+}
+
+
 def LMLT_tiny(scale: int = 4, **overrides) -> LMLT:
-    """LMLT-Tiny: dim 36, 8 blocks (239,340 / 244,215 / 251,040 params at ×2/×3/×4)."""
-    return LMLT(**{"dim": 36, "n_blocks": 8, "ffn_scale": 2.0, "upscaling_factor": scale, **overrides})
+    """LMLT-Tiny: dim 36 (239,340 / 244,215 / 251,040 params at ×2/×3/×4)."""
+    return LMLT(**{**PRESETS["tiny"], "upscaling_factor": scale, **overrides})
 
 
 def LMLT_base(scale: int = 4, **overrides) -> LMLT:
-    """LMLT-Base: dim 60, 8 blocks (652,332 / 660,447 / 671,808 params at ×2/×3/×4)."""
-    return LMLT(**{"dim": 60, "n_blocks": 8, "ffn_scale": 2.0, "upscaling_factor": scale, **overrides})
+    """LMLT-Base: dim 60 (652,332 / 660,447 / 671,808 params at ×2/×3/×4)."""
+    return LMLT(**{**PRESETS["base"], "upscaling_factor": scale, **overrides})
 
 
 def LMLT_large(scale: int = 4, **overrides) -> LMLT:
-    """LMLT-Large: dim 84, 8 blocks (1,268,076 / 1,279,431 / 1,295,328 params at ×2/×3/×4)."""
-    return LMLT(**{"dim": 84, "n_blocks": 8, "ffn_scale": 2.0, "upscaling_factor": scale, **overrides})
+    """LMLT-Large: dim 84 (1,268,076 / 1,279,431 / 1,295,328 params at ×2/×3/×4)."""
+    return LMLT(**{**PRESETS["large"], "upscaling_factor": scale, **overrides})
 
 
-PRESETS = {"tiny": LMLT_tiny, "base": LMLT_base, "large": LMLT_large}
-
-
-def _preset_name(model: LMLT) -> str | None:
-    hp = model.hyperparameters
-    for name, make in PRESETS.items():
-        with torch.device("meta"):
-            ref = make(hp["upscaling_factor"]).hyperparameters
-        if all(hp[k] == ref[k] for k in ("dim", "n_blocks", "ffn_scale", "in_chans")):
+def _preset_name(hyperparameters: dict) -> str | None:
+    if hyperparameters["in_chans"] != 3:
+        return None
+    for name, preset in PRESETS.items():
+        if all(hyperparameters[k] == v for k, v in preset.items()):
             return name
     return None
+
+
+def _check_fits(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Raise IncompatibleWeightsError naming the keys that are missing, unexpected or of the wrong shape."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state_dict.keys() if state_dict[k].shape != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} tensors of the wrong shape (first: {k} is {tuple(state_dict[k].shape)}, "
+            f"expected {tuple(expected[k])})"
+        )
+    if problems:
+        raise IncompatibleWeightsError(
+            f"These weights look like LMLT but do not fit the LMLT read from their shapes: {'; '.join(problems)}. "
+            f"The file may be damaged or from a modified LMLT variant."
+        )
 
 
 class LMLTArch(FlexSRArchitecture):
@@ -255,7 +284,8 @@ class LMLTArch(FlexSRArchitecture):
                 f"to_img.0.weight has {out} output channels, which is not {in_chans}·scale² for any scale."
             )
         model = LMLT(dim=dim, n_blocks=n_blocks, ffn_scale=ffn_scale, upscaling_factor=scale, in_chans=in_chans)
-        preset = _preset_name(model)
+        _check_fits(model, state_dict)
+        preset = _preset_name(model.hyperparameters)
         tags = ([preset] if preset else []) + [f"{dim}dim", f"{n_blocks}nb"]
         return ImageModelDescriptor(
             model,
