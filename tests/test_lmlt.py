@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from spandrel import MAIN_REGISTRY
 from testutil import assert_round_trip
 
 import archs
@@ -179,6 +180,12 @@ def test_published_checkpoint_loads_params_ema(shared_weights):
     assert (desc.scale, desc.input_channels, desc.output_channels, desc.purpose) == (2, 3, 3, "SR")
     assert desc.tags == ["tiny", "36dim", "8nb"]
     assert desc.model.hyperparameters == LMLT_tiny(2).hyperparameters
+    builtin_claims = [
+        s.architecture.id
+        for s in MAIN_REGISTRY.architectures("detection")
+        if s.architecture.id != "LMLT" and s.detect(raw["params_ema"])
+    ]
+    assert not builtin_claims, f"spandrel built-ins {builtin_claims} claim the published LMLT checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,13 +205,14 @@ def test_any_size_equals_crop_of_padded_input(size):
     assert _psnr(out, want) >= 50
 
 
-def test_window_size_is_a_parameter():
-    model = _random_lmlt(window_size=4)
-    assert model.pad_multiple == 32
+@pytest.mark.parametrize("window_size", [4, 6])
+def test_window_size_is_a_parameter(window_size):
+    model = _random_lmlt(window_size=window_size)
+    assert model.pad_multiple == 8 * window_size
     x = torch.rand(2, 3, 20, 36)
     with torch.no_grad():
         out = model(x)
-        want = model(_reflect_pad(x, 32))[..., :40, :72]
+        want = model(_reflect_pad(x, 8 * window_size))[..., :40, :72]
         single = model(x[1:])
         model_w8 = LMLT(**{**model.hyperparameters, "window_size": 8}).eval()
         model_w8.load_state_dict(model.state_dict())
@@ -233,7 +241,8 @@ def test_wrong_shapes_raise_incompatible_weights():
         archs.load_model(broken)
     bad_shape = dict(state_dict)
     bad_shape["feats.0.lhsb.mfr.2.qkv.weight"] = torch.zeros(6, 3)
-    with pytest.raises(IncompatibleWeightsError, match=r"wrong shape .*mfr.2.qkv.weight is \(6, 3\), expected \(6, 2\)"):
+    shape_message = r"wrong shape .*mfr.2.qkv.weight is \(6, 3\), expected \(6, 2\)"
+    with pytest.raises(IncompatibleWeightsError, match=shape_message):
         archs.load_model(bad_shape)
     missing = {k: v for k, v in state_dict.items() if k != "feats.0.lhsb.aggr.bias"}
     with pytest.raises(IncompatibleWeightsError, match="missing 1 keys .*feats.0.lhsb.aggr.bias"):
