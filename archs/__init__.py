@@ -26,7 +26,14 @@ from .registry import (
 from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it builds REGISTRY from the families)
 from .transformer_sr import SR, TransformerSR, load_transformer_sr
 
+# Family modules after the registry (which imports them while it builds REGISTRY).
+from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
+
 __all__ = [
+    "LMLT",
+    "LMLT_tiny",
+    "LMLT_base",
+    "LMLT_large",
     "BadImageError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
