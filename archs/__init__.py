@@ -27,7 +27,14 @@ from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it bu
 from .transformer_sr import SR, TransformerSR, load_transformer_sr
 from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch
 
+# Family modules after the registry (which imports them while it builds REGISTRY).
+from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
+
 __all__ = [
+    "LMLT",
+    "LMLT_tiny",
+    "LMLT_base",
+    "LMLT_large",
     "BadImageError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",

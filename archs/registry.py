@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ("flexnet", "transformer_sr", "eimn")
+FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "transformer_sr", "eimn")
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
@@ -207,7 +207,7 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], **options
     except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AssertionError) as e:
         raise IncompatibleWeightsError(
             f"{name} looks like a {arch.architecture.name} checkpoint, but its weights do not fit that "
-            f"architecture ({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}). The file may be "
+            f"architecture ({type(e).__name__}: {_short(e)}). The file may be "
             f"damaged or from an incompatible variant."
         ) from e
     if not isinstance(descriptor, ImageModelDescriptor):
@@ -215,6 +215,11 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], **options
             f"{name} is a {arch.architecture.name} model ({descriptor.purpose}), not an image-to-image model."
         )
     return descriptor.eval()
+
+
+def _short(e: Exception, limit: int = 1200) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _detects(arch: ArchSupport, state_dict: StateDict) -> bool:
