@@ -24,6 +24,13 @@ from .registry import (
     read_state_dict,
 )
 
+# ViT family (classifiers / GAN discriminators, not upscalers: not in the spandrel registry)
+from .cait import CaiT
+from .cross_vit import CrossViT
+from .crossformer import CrossFormer
+from .discriminator import ViTFamilyDiscriminator, make_discriminator
+from .vit import ViT
+
 __all__ = [
     "BadImageError",
     "CheckpointNotFoundError",
@@ -43,4 +50,10 @@ __all__ = [
     "install",
     "load_model",
     "read_state_dict",
+    "ViT",
+    "CaiT",
+    "CrossFormer",
+    "CrossViT",
+    "ViTFamilyDiscriminator",
+    "make_discriminator",
 ]
