@@ -325,6 +325,8 @@ class CrossFormer(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         """Raise :class:`~archs.errors.BadImageError` unless every stage's map fits its windows."""
+        if height < 1 or width < 1:
+            raise BadImageError(f"CrossFormer cannot take an empty {height}x{width} image.")
         h, w = height, width
         for stage, (stride, (local, glob)) in enumerate(zip(self.strides, self.windows), start=1):
             h, w = -(-h // stride), -(-w // stride)
