@@ -101,6 +101,8 @@ ROUND_TRIPS = {
     "meta-nc-x3": functools.partial(tiny_meta, scale=3, upsampler="n+c"),
     "meta-dys-x4": functools.partial(tiny_meta, scale=4, upsampler="dys", channel_norm=True),
     "meta-gray-flash": functools.partial(tiny_meta, inp_channels=1, out_channels=1, flash_attn=True),
+    "meta-empty-levels": functools.partial(tiny_meta, num_blocks=(0, 1, 0, 1), hidden_rate=2, channel_norm=True),
+    "linear-empty-first-group": functools.partial(tiny, num_blocks=(0, 2), hidden_rate=3),
 }
 
 
