@@ -86,6 +86,7 @@ ROUND_TRIPS = {
     "linear-nc-x2": functools.partial(tiny, scale=2, upsampler="n+c"),
     "linear-nc-x3": functools.partial(tiny, scale=3, upsampler="n+c"),
     "linear-nc-x4": functools.partial(tiny, scale=4, upsampler="n+c"),
+    "linear-dys-x1": functools.partial(tiny, scale=1, upsampler="dys"),
     "linear-dys-x2": functools.partial(tiny, scale=2, upsampler="dys"),
     "linear-dys-x3": functools.partial(tiny, scale=3, upsampler="dys"),
     "linear-dys-x4": functools.partial(tiny, scale=4, upsampler="dys"),
@@ -174,6 +175,18 @@ def test_output_is_the_crop_of_the_output_on_the_padded_input(make):
         full = model(padded)
         got = model(x)
     torch.testing.assert_close(got, full[:, :, : x.shape[-2] * 2, : x.shape[-1] * 2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("upsampler", ["ps", "n+c", "dys"])
+def test_bfloat16_runs_and_stays_close(upsampler):
+    """The descriptor says supports_bfloat16/half: every tail runs in reduced precision (here bf16 on CPU)."""
+    model = _perturbed(tiny_meta(upsampler=upsampler)).eval()
+    x = torch.rand(1, 3, 9, 7)
+    with torch.no_grad():
+        want = model(x)
+        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
 
 
 # --------------------------------------------------------------------------------------------------
