@@ -30,6 +30,13 @@ from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch
 # Family modules after the registry (which imports them while it builds REGISTRY).
 from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
 
+# ViT family (classifiers / GAN discriminators, not upscalers: not in the spandrel registry)
+from .cait import CaiT
+from .cross_vit import CrossViT
+from .crossformer import CrossFormer
+from .discriminator import ViTFamilyDiscriminator, make_discriminator
+from .vit import ViT
+
 __all__ = [
     "LMLT",
     "LMLT_tiny",
@@ -63,4 +70,10 @@ __all__ = [
     "SR",
     "TransformerSR",
     "load_transformer_sr",
+    "ViT",
+    "CaiT",
+    "CrossFormer",
+    "CrossViT",
+    "ViTFamilyDiscriminator",
+    "make_discriminator",
 ]

@@ -468,17 +468,17 @@ class FlexNetArch(FlexSRArchitecture):
         if "pipeline.enc0.0.conv.conv11.weight" in state_dict:
             pipeline_type = "meta"
             num_blocks = tuple(_count_blocks(state_dict, f"pipeline.enc{i}.0") for i in range(4))
-            first = "pipeline.enc0.0.t_blocks.0"
         else:
             pipeline_type = "linear"
             groups = get_seq_len(state_dict, "pipeline.att")
             num_blocks = tuple(_count_blocks(state_dict, f"pipeline.att.{g}") for g in range(groups))
-            first = "pipeline.att.0.t_blocks.0"
-        if f"{first}.ffn.key.weight" in state_dict:
-            hidden_rate = _as_number(state_dict[f"{first}.ffn.key.weight"].shape[0] / dim)
-            channel_norm = f"{first}.ffn.key_norm.weight" in state_dict
-        else:  # a pipeline without transformer blocks: the ChannelMix settings leave no trace
-            hidden_rate, channel_norm = 4, False
+        key = next((k for k in state_dict if k.endswith(".ffn.key.weight")), None)
+        if key is not None:  # ChannelMix key: Linear(d, int(hidden_rate * d)) at any level
+            hidden, d = state_dict[key].shape
+            hidden_rate = _as_number(hidden / d)
+        else:  # no transformer block at all: hidden_rate leaves no trace
+            hidden_rate = 4
+        channel_norm = any(k.endswith(".ffn.key_norm.weight") for k in state_dict)
 
         if "to_img.offset.weight" in state_dict:
             upsampler = "dys"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from testutil import assert_round_trip
 
 import archs
 from archs.blocks import pad_to_multiple
-from archs.flexnet import FlexNet, FlexNetArch, MetaFlexNet
+from archs.flexnet import UPSAMPLER_ALIASES, FlexNet, FlexNetArch, MetaFlexNet
+
+FIXTURES = Path(__file__).parent / "fixtures" / "flexnet"
 
 
 def tiny(**kwargs) -> FlexNet:
@@ -82,6 +86,7 @@ ROUND_TRIPS = {
     "linear-nc-x2": functools.partial(tiny, scale=2, upsampler="n+c"),
     "linear-nc-x3": functools.partial(tiny, scale=3, upsampler="n+c"),
     "linear-nc-x4": functools.partial(tiny, scale=4, upsampler="n+c"),
+    "linear-dys-x1": functools.partial(tiny, scale=1, upsampler="dys"),
     "linear-dys-x2": functools.partial(tiny, scale=2, upsampler="dys"),
     "linear-dys-x3": functools.partial(tiny, scale=3, upsampler="dys"),
     "linear-dys-x4": functools.partial(tiny, scale=4, upsampler="dys"),
@@ -97,6 +102,8 @@ ROUND_TRIPS = {
     "meta-nc-x3": functools.partial(tiny_meta, scale=3, upsampler="n+c"),
     "meta-dys-x4": functools.partial(tiny_meta, scale=4, upsampler="dys", channel_norm=True),
     "meta-gray-flash": functools.partial(tiny_meta, inp_channels=1, out_channels=1, flash_attn=True),
+    "meta-empty-levels": functools.partial(tiny_meta, num_blocks=(0, 1, 0, 1), hidden_rate=2, channel_norm=True),
+    "linear-empty-first-group": functools.partial(tiny, num_blocks=(0, 2), hidden_rate=3),
 }
 
 
@@ -170,6 +177,18 @@ def test_output_is_the_crop_of_the_output_on_the_padded_input(make):
     torch.testing.assert_close(got, full[:, :, : x.shape[-2] * 2, : x.shape[-1] * 2], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("upsampler", ["ps", "n+c", "dys"])
+def test_bfloat16_runs_and_stays_close(upsampler):
+    """The descriptor says supports_bfloat16/half: every tail runs in reduced precision (here bf16 on CPU)."""
+    model = _perturbed(tiny_meta(upsampler=upsampler)).eval()
+    x = torch.rand(1, 3, 9, 7)
+    with torch.no_grad():
+        want = model(x)
+        got = model.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
 # --------------------------------------------------------------------------------------------------
 # Fusion
 
@@ -202,3 +221,71 @@ def test_fusion_is_exact_and_fused_state_dict_loads_both_ways():
     with torch.no_grad():
         assert (unfused(x) - want).abs().max() <= 1e-5
         assert (refused.model(x) - want).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with umzi2's, traiNNer-redux's and neosr's code (fixtures made by running them; see README.md there)
+
+
+def read_fixture(name: str) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(FIXTURES / f"{name}.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    sd = {k[3:]: v for k, v in tensors.items() if k.startswith("sd.")}
+    return sd, tensors["input"], tensors["output"], meta
+
+
+PARITY = sorted(p.stem for p in FIXTURES.glob("*.safetensors"))
+
+
+def test_every_reference_and_variant_has_a_fixture():
+    assert {n.split("_")[0] for n in PARITY} == {"umzi2", "trainner", "neosr"}
+    assert len(PARITY) >= 10
+    assert any("flash" in n for n in PARITY) and any("meta" in n for n in PARITY)
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_reference_checkpoint_loads_strictly_and_gives_the_reference_output(name):
+    sd, x, want, meta = read_fixture(name)
+    desc = archs.load_model(sd)  # strict: spandrel's descriptor loads with strict key matching
+    assert isinstance(desc.architecture, FlexNetArch)
+    model = desc.model
+    assert set(model.state_dict()) == set(sd)
+
+    cfg = json.loads(meta["config"])
+    hp = model.hyperparameters
+    flash_default = meta["source"].startswith("neosr")  # neosr defaults to flash_attn=True
+    assert hp["flash_attn"] == cfg.get("flash_attn", flash_default)
+    assert hp["upsampler"] == UPSAMPLER_ALIASES[cfg.get("upsampler", "ps")]
+    assert hp["pipeline_type"] == cfg.get("pipeline_type", "linear")
+    for key in ("dim", "scale", "window_size", "hidden_rate", "channel_norm"):
+        if key in cfg:
+            assert hp[key] == cfg[key], key
+    assert list(hp["num_blocks"]) == cfg["num_blocks"]
+
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", [n for n in PARITY if "flash" in n])
+def test_flash_attn_checkpoints_need_neosr_ordering(name):
+    """The variant is real: the same weights under the plain ordering miss the reference output by far."""
+    sd, x, want, _ = read_fixture(name)
+    hp = dict(archs.load_model(sd).model.hyperparameters, flash_attn=False)
+    plain = FlexNet(**hp).eval()
+    plain.load_state_dict({k: v for k, v in sd.items() if k != "flash_attn"})
+    with torch.no_grad():
+        assert (plain(x) - want).abs().max() > 1e-3  # 10x the parity tolerance
+
+
+def test_stale_fused_kernel_in_a_checkpoint_is_ignored():
+    """Reference checkpoints saved in training mode carry an outdated conv5x5_reparam; outputs must not use it."""
+    sd, x, want, _ = read_fixture("umzi2_linear_ps_x2")
+    sd = {k: (torch.zeros_like(v) if k.endswith("conv5x5_reparam.weight") else v) for k, v in sd.items()}
+    model = archs.fuse(archs.load_model(sd)).model
+    with torch.no_grad():
+        assert (model(x) - want).abs().max() <= 1e-4
