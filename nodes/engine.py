@@ -333,9 +333,9 @@ class TileRunner:
                 pending = self._shrink(pending, len(group), H, W)
                 continue
             for tile, result in zip(group, results):
-                if post is not None:
-                    result = post(result[None])[0]
-                write_tile(dst, tile.index, tile, result.clamp_(0, 1), self.layout.blend, s, H, W)
+                if post is not None:  # the model's output is clamped already (spandrel's call)
+                    result = post(result[None])[0].clamp_(0, 1)
+                write_tile(dst, tile.index, tile, result, self.layout.blend, s, H, W)
             taken = {id(t) for t in group}
             pending = [t for t in pending if id(t) not in taken]
             done += len(group)
@@ -450,12 +450,12 @@ def attach_mask(image: Tensor, mask: Optional[Tensor], invert: bool = True) -> T
 
 def resize(image: Tensor, height: int, width: int) -> Tensor:
     """Antialiased bicubic resize of ``[B, H, W, C]``, one image at a time, clamped to 0..1."""
-    out = torch.empty(image.shape[0], height, width, image.shape[3], dtype=image.dtype)
+    out = torch.empty(image.shape[0], image.shape[3], height, width, dtype=image.dtype)
     for i in range(image.shape[0]):
         x = image[i : i + 1].permute(0, 3, 1, 2)
         y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-        out[i] = y.clamp_(0, 1)[0].permute(1, 2, 0)
-    return out
+        out[i] = y.clamp_(0, 1)[0]
+    return out.permute(0, 2, 3, 1)
 
 
 class _Progress:
@@ -562,8 +562,10 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
             alpha_value = float(a.flatten()[0])
     jobs = plan_channels(c, model.input_channels, model.output_channels, alpha_mode, alpha_value)
     out_c = len({d for j in jobs for d in j.dst})
-    out = torch.zeros(b, h * s, w * s, out_c, dtype=torch.float32)
-    out_bchw = out.permute(0, 3, 1, 2)
+    # stored channel-first (tiles are written plane by plane, contiguously) and returned as the
+    # [B, H, W, C] view ComfyUI's own upscale node returns too
+    out_bchw = torch.zeros(b, out_c, h * s, w * s, dtype=torch.float32)
+    out = out_bchw.permute(0, 2, 3, 1)
     src_bchw = image.permute(0, 3, 1, 2)
 
     layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")

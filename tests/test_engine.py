@@ -197,9 +197,21 @@ def test_every_flexsr_family_tiles_seamlessly_down_to_64px(pack, engine, family)
     model = family.load(module.state_dict()).eval()
     params = sum(p.numel() for p in model.model.parameters())
     assert params < 3_000_000, f"{family.id}'s signature model is too big for a seam test ({params:,} params)"
-    image = torch.rand(1, 96, 80, model.input_channels if model.input_channels != 4 else 4)
+    context = pack.nodes.tiles.Layout.for_model(engine.grid_unit(model), 32).context
+    height = max(96, 64 + context + 32)  # taller than one tile's window: really split
+    image = torch.rand(1, height, 80, model.input_channels)
     value, report = _seam_psnr(engine, model, image, 64)
     assert value >= 50, f"{family.id}: {value:.1f} dB ({report.text()})"
+
+
+def test_u_shaped_flexnet_tiles_seamlessly(pack, engine):
+    """MetaFlexNet pads to 8 windows and sees far at its coarsest level: grid and context follow."""
+    flexnet = pytest.importorskip(pack.archs.__name__ + ".flexnet")
+    module = flexnet.FlexNet(dim=8, num_blocks=(1, 1, 1, 1), pipeline_type="meta", window_size=4, scale=2)
+    model = descriptor(pack, module)
+    assert engine.alignment(model) == 32
+    value, report = _seam_psnr(engine, model, torch.rand(1, 168, 72, 3), 64)
+    assert value >= 50 and report.context == 64, report.text()
 
 
 # --------------------------------------------------------------------------------------------------
