@@ -1,15 +1,18 @@
 """FlexSR as a ComfyUI custom node pack (ComfyUI imports this file as a package).
 
-Loading the pack adds FlexSR's architectures to spandrel's registry (so ComfyUI's own "Load Upscale
-Model" reads them too) and lists the pack's ``models/`` folder among the ``upscale_models`` folders.
+When ComfyUI loads the pack, FlexSR's architectures are added to spandrel's registry (so ComfyUI's own
+"Load Upscale Model" reads them too) and the pack's ``models/`` folder joins the ``upscale_models``
+folders. Imported anywhere else (pytest, scripts) it changes nothing global; call ``archs.install()``
+yourself there.
 """
 
 from . import archs
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes.host import register_pack_models
+from .nodes.host import in_comfyui, register_pack_models
 
-archs.install()
-register_pack_models()
+if in_comfyui():
+    archs.install()
+    register_pack_models()
 
 WEB_DIRECTORY = "./web"
 

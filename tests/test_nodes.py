@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from spandrel import MAIN_REGISTRY, ImageModelDescriptor, ModelLoader
 from spandrel.architectures.Compact import Compact
 
-from packutil import ROOT, comfy_module_name, load_pack, pack  # noqa: F401  (pack: session fixture)
+from packutil import (  # noqa: F401  (pack: session fixture)
+    ROOT,
+    ComfyStandIns,
+    comfy_module_name,
+    foreign_nodes_module,
+    load_pack,
+    pack,
+    spandrel_registry_restored,
+)
 
 NODE_IDS = ("FlexSRLoadUpscaleModel", "FlexSRUpscaleImage", "FlexSRFuseOmniShift", "FlexSRSaveUpscaleModel")
 
@@ -58,25 +66,56 @@ def psnr(a, b):
 
 
 def test_pack_imports_like_comfyui_next_to_its_own_nodes_module(tmp_path):
+    """custom_nodes/<odd folder name>/ loaded as ComfyUI does, with ComfyUI's modules (stand-ins) present."""
     folder = tmp_path / "custom_nodes" / "Flex SR.v1-copy"
     folder.parent.mkdir()
     folder.symlink_to(ROOT, target_is_directory=True)
+    models = tmp_path / "upscale_models"
+    (models / "sub").mkdir(parents=True)
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), models / "sub" / "tiny.pth")
+    comfy = ComfyStandIns(models)
     name = comfy_module_name(folder)
     before = set(sys.modules)
+    previous_nodes = sys.modules.get("nodes")
+    foreign = foreign_nodes_module()
+    sys.modules["nodes"] = foreign  # ComfyUI's own nodes.py is imported before any pack
+    registered = {a.architecture.id for a in MAIN_REGISTRY.architectures("insertion")}
     try:
-        foreign = sys.modules.setdefault("nodes", __import__("packutil").foreign_nodes_module())
-        module = load_pack(folder, foreign_nodes=False)
-        assert sys.modules["nodes"] is foreign, "the pack must not replace ComfyUI's nodes module"
-        assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
-        assert module.NODE_CLASS_MAPPINGS["FlexSRUpscaleImage"].__module__.startswith(name + ".nodes")
-        web = folder / module.WEB_DIRECTORY
-        assert web.is_dir() and list(web.glob("*.js"))
-        ours = {a.architecture.id for a in module.archs.REGISTRY.architectures("insertion")}
-        assert ours <= {a.architecture.id for a in MAIN_REGISTRY.architectures("insertion")}
+        with spandrel_registry_restored(), comfy.installed():
+            module = load_pack(folder, foreign_nodes=False, leave_installed=True)
+            installed = {a.architecture.id for a in MAIN_REGISTRY.architectures("insertion")}
+            assert sys.modules["nodes"] is foreign, "the pack must not replace ComfyUI's nodes module"
+            assert set(module.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
+            assert module.NODE_CLASS_MAPPINGS["FlexSRUpscaleImage"].__module__.startswith(name + ".nodes")
+            ours = {a.architecture.id for a in module.archs.REGISTRY.architectures("insertion")}
+            assert ours and ours <= installed, "loading the pack adds FlexSR's families to spandrel's registry"
+            web = folder / module.WEB_DIRECTORY
+            assert web.is_dir() and list(web.glob("*.js"))
+            # the nodes use ComfyUI's folders, progress bar and model management
+            nodes = module.NODE_CLASS_MAPPINGS
+            assert nodes["FlexSRLoadUpscaleModel"].INPUT_TYPES()["required"]["model_name"][0] == ["sub/tiny.pth"]
+            model = nodes["FlexSRLoadUpscaleModel"]().load("sub/tiny.pth")["result"][0]
+            out = nodes["FlexSRUpscaleImage"]().upscale(model, torch.rand(1, 40, 40, 3), tile_size=16, overlap=8)
+            assert out["result"][0].shape == (1, 80, 80, 3)
+            assert comfy.progress[-1] == (1000, 1000) and len(comfy.progress) > 2
+            comfy.interrupted = True
+            with pytest.raises(comfy.modules["comfy.model_management"].InterruptProcessingException):
+                nodes["FlexSRUpscaleImage"]().upscale(model, torch.rand(1, 40, 40, 3), tile_size=16, overlap=8)
+        assert {a.architecture.id for a in MAIN_REGISTRY.architectures("insertion")} == registered
     finally:
         for key in set(sys.modules) - before:
-            if key == "nodes" or key == name or key.startswith(name + "."):
+            if key == name or key.startswith(name + "."):
                 del sys.modules[key]
+        if previous_nodes is None:
+            sys.modules.pop("nodes", None)
+        else:
+            sys.modules["nodes"] = previous_nodes
+
+
+def test_outside_comfyui_importing_the_pack_changes_nothing_global(pack):
+    assert not pack.nodes.host.in_comfyui()
+    registered = [a.architecture for a in MAIN_REGISTRY.architectures("insertion")]
+    assert not [a.id for a in registered if isinstance(a, pack.archs.FlexSRArchitecture)]
 
 
 def test_every_node_is_documented(pack):
@@ -368,11 +407,17 @@ def test_fused_model_round_trips_fused(pack, nodes, models_dir):
 
 def test_flexsr_families_interoperate_with_spandrel(pack, nodes, models_dir):
     """After install(): spandrel's (and so ComfyUI's) ModelLoader reads FlexSR files, and ours reads spandrel's."""
-    for support in pack.archs.REGISTRY.architectures("insertion"):
+    families = pack.archs.REGISTRY.architectures("insertion")
+    assert families
+    for support in families:
         arch = support.architecture
         model = arch.load(arch.signature_model().eval().state_dict()).eval()
         path = pack.nodes.model_io.save(model, f"family_{arch.id}", folder=models_dir)
-        theirs = ModelLoader().load_from_file(path)
+        with spandrel_registry_restored():
+            with pytest.raises(Exception):  # spandrel alone does not know FlexSR's families ...
+                ModelLoader().load_from_file(path)
+            pack.archs.install()  # ... after install() it does (ComfyUI's loader uses this ModelLoader)
+            theirs = ModelLoader().load_from_file(path)
         assert theirs.architecture.id == arch.id
         image = torch.rand(1, 12, 12, model.input_channels)
         assert torch.allclose(run(theirs, image), run(model, image), atol=1e-5)
