@@ -2,6 +2,7 @@
 
     python bench/bench_tiling.py                       # CPU, spandrel Compact (16 feat, 4 convs, x4)
     python bench/bench_tiling.py --device cuda --feat 64 --conv 16
+    python bench/bench_tiling.py --arch flexnet --feat 16 --conv 1 --size 512
     python bench/bench_tiling.py --model path/to/model.safetensors
 
 Prints, for a --size² image (default 1024): the time of each method and the throughput ratio, each
@@ -50,10 +51,14 @@ def load_pack():
 def build_model(pack, args):
     if args.model:
         return pack.archs.load_model(args.model)
-    from spandrel.architectures.Compact import Compact
-
     torch.manual_seed(0)
-    module = Compact(num_in_ch=3, num_out_ch=3, num_feat=args.feat, num_conv=args.conv, upscale=args.scale)
+    if args.arch == "flexnet":
+        flexnet = importlib.import_module(pack.archs.__name__ + ".flexnet")
+        module = flexnet.FlexNet(dim=args.feat, num_blocks=(args.conv,) * 2, scale=args.scale)
+    else:
+        from spandrel.architectures.Compact import Compact
+
+        module = Compact(num_in_ch=3, num_out_ch=3, num_feat=args.feat, num_conv=args.conv, upscale=args.scale)
     return pack.archs.load_model(module.eval().state_dict())
 
 
@@ -208,9 +213,10 @@ def memory_child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a checkpoint to use instead of a random spandrel Compact")
-    p.add_argument("--feat", type=int, default=16, help="Compact: feature channels")
-    p.add_argument("--conv", type=int, default=4, help="Compact: convolutions")
-    p.add_argument("--scale", type=int, default=4, help="Compact: scale")
+    p.add_argument("--arch", choices=("compact", "flexnet"), default="compact", help="random model to build")
+    p.add_argument("--feat", type=int, default=16, help="Compact feature channels / FlexNet dim")
+    p.add_argument("--conv", type=int, default=4, help="Compact convolutions / FlexNet blocks per group (2 groups)")
+    p.add_argument("--scale", type=int, default=4, help="model scale")
     p.add_argument("--size", type=int, default=1024, help="throughput/seam image side")
     p.add_argument("--memory-size", type=int, default=2048, help="memory test image side (output x scale)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -276,7 +282,7 @@ def main() -> None:
           f"(one subprocess per method; RSS high-water mark VmHWM)")
     base = [sys.executable, str(Path(__file__).resolve()), "--memory-size", str(args.memory_size), "--device",
             args.device, "--precision", args.precision, "--feat", str(args.feat), "--conv", str(args.conv),
-            "--scale", str(args.scale)] + (["--model", args.model] if args.model else []) + (
+            "--scale", str(args.scale), "--arch", args.arch] + (["--model", args.model] if args.model else []) + (
             ["--threads", str(args.threads)] if args.threads else [])
     for method in ("ours", "comfy"):
         proc = subprocess.run(base + ["--method", method], capture_output=True, text=True, env=os.environ.copy())
