@@ -59,10 +59,6 @@ class UpscaleOutOfMemoryError(FlexSRError, MemoryError):
     """The model ran out of memory even on the smallest tile."""
 
 
-class UpscaleCancelled(FlexSRError):
-    """Raised by callers' cancel hooks outside ComfyUI (ComfyUI raises its own interrupt exception)."""
-
-
 @dataclass
 class Report:
     """What a run did, for logs and the upscale node's UI."""
@@ -331,16 +327,17 @@ class TileRunner:
         pending = plan_tiles(B, H, W, self.tile, self.layout)
         self.report.plan = describe(pending)
         self.report.context = self.layout.context if len(pending) > B else 0
-        done = 0
         while pending:
             self.check_cancel()
             group = self._take(pending)
+            out_of_memory = False
             try:
                 results = self._call(src, group, pre)
             except Exception as e:
                 if not _is_oom(e, self.oom):
                     raise
-                del e
+                out_of_memory = True  # handled below, once the failed call's frames are released
+            if out_of_memory:
                 pending = self._shrink(pending, len(group), H, W)
                 continue
             for tile, result in zip(group, results):
@@ -349,7 +346,6 @@ class TileRunner:
                 write_tile(dst, tile.index, tile, result, self.layout.blend, s, H, W)
             taken = {id(t) for t in group}
             pending = [t for t in pending if id(t) not in taken]
-            done += len(group)
             self.report.tiles += len(group)
             self.used_batch = max(self.used_batch, len(group))
             self.on_progress(sum(t.core_area for t in group))
@@ -567,6 +563,7 @@ def upscale_image(
         if device.type == "cuda":
             host.empty_cache()
 
+    tracker.add(tracker.total)  # jobs that needed no model (constant alpha) count as done
     out_h, out_w = max(1, round(h * target)), max(1, round(w * target))
     if (out_h, out_w) != tuple(current.shape[1:3]):
         current = resize(current, out_h, out_w)
