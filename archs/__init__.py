@@ -23,6 +23,7 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .lamnet import LAMNet, LAMNet_base, LAMNet_large, LAMNetArch  # after .registry, which imports the families
 
 __all__ = [
     "BadImageError",
@@ -43,4 +44,8 @@ __all__ = [
     "install",
     "load_model",
     "read_state_dict",
+    "LAMNet",
+    "LAMNet_base",
+    "LAMNet_large",
+    "LAMNetArch",
 ]

@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = ("lamnet",)
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
