@@ -153,6 +153,63 @@ def check_kernel_map(value: Tensor, kernel_size: int, where: str = "kernel_map")
 # Layers
 
 
+def _inference() -> bool:
+    """No autograd graph is being built: intermediate tensors may be reused in place."""
+    return not torch.is_grad_enabled()
+
+
+def _cpu_inference(x: Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def _scaled_residual(x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
+    """``x + y * alpha``, written into ``y`` (a fresh tensor) when no graph is being built."""
+    if _inference() and y.shape == x.shape:
+        return torch.addcmul(x, y, alpha, out=y)
+    return torch.addcmul(x, y, alpha)
+
+
+def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int = 1 << 19) -> Tensor:
+    """``conv(x)`` for a depthwise, stride-1, zero-padded "same" conv, as shifted multiply-adds.
+
+    oneDNN runs such convs on NCHW tensors through layout reorders that cost several times the
+    arithmetic; here each kernel tap is one fused multiply-add of a shifted slice, done in bands of
+    rows that stay in cache (the same scheme as :mod:`archs.fsa`). ``x`` ``[B, C, H, W]``.
+    """
+    weight, bias = conv.weight, conv.bias
+    b, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    ph, pw = conv.padding
+    if (kh, kw) != (2 * ph + 1, 2 * pw + 1) or conv.stride != (1, 1) or conv.dilation != (1, 1):
+        return conv(x)
+    taps = weight.to(x.dtype).reshape(c, kh * kw).t().reshape(kh * kw, 1, c, 1, 1).contiguous()
+    rows = max(1, min(h, band_elements // max(1, c * w)))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    padded = x.new_zeros(1, c, rows + 2 * ph, w + 2 * pw)
+    for i in range(b):
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            n = r1 - r0
+            a, z = max(0, r0 - ph), min(h, r1 + ph)
+            top, bottom = a - (r0 - ph), (r1 + ph) - z
+            xp = padded[:, :, : n + 2 * ph]
+            if top:
+                xp[:, :, :top].zero_()
+            if bottom:
+                xp[:, :, n + 2 * ph - bottom :].zero_()
+            xp[:, :, top : n + 2 * ph - bottom, pw : pw + w].copy_(x[i : i + 1, :, a:z])
+            band = out[i : i + 1, :, r0:r1]
+            for t in range(kh * kw):
+                src = xp[:, :, t // kw : t // kw + n, t % kw : t % kw + w]
+                if t == 0:
+                    torch.mul(src, taps[0], out=band)
+                else:
+                    band.addcmul_(src, taps[t])
+            if bias is not None:
+                band.add_(bias.to(x.dtype).view(1, c, 1, 1))
+    return out
+
+
 class LayerNormUnchanged(nn.Module):
     """Layer norm over channels of ``[B, C, H, W]`` (population variance), learned ``alpha``/``beta`` ``[1, C, 1, 1]``."""
 
@@ -163,8 +220,13 @@ class LayerNormUnchanged(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-        return torch.addcmul(self.beta, (x - mean) * torch.rsqrt(var + self.eps), self.alpha)
+        # two means over channels rather than torch.var_mean, which is several times slower on the CPU
+        centred = x - x.mean(dim=1, keepdim=True)
+        var = (centred * centred).mean(dim=1, keepdim=True)
+        if _inference():  # in place: fewer fresh tensors, whose first touch costs page faults on the CPU
+            centred.mul_(torch.rsqrt(var.add_(self.eps)))
+            return torch.addcmul(self.beta, centred, self.alpha, out=centred)
+        return torch.addcmul(self.beta, centred * torch.rsqrt(var + self.eps), self.alpha)
 
 
 class PreNormResidual(nn.Module):
@@ -177,7 +239,7 @@ class PreNormResidual(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addcmul(x, self.fn(self.norm(x)), self.alpha)
+        return _scaled_residual(x, self.fn(self.norm(x)), self.alpha)
 
 
 class DGFN(nn.Module):
@@ -191,28 +253,44 @@ class DGFN(nn.Module):
         self.project_out = nn.Conv2d(hidden * 2, dim, 1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.dwconv(self.project_in(x))
+        x = self.project_in(x)
+        x = depthwise_conv_cpu(x, self.dwconv) if _cpu_inference(x) else self.dwconv(x)
         b, c, h, w = x.shape
         both = x.view(b, 2, c // 2, h, w)
         gate = F.gelu(both[:, :1])  # one gate for both halves: cat[g*x1, g*x2] = cat[x1, x2] * g
-        return self.project_out((both * gate).view(b, c, h, w))
+        gated = both.mul_(gate) if _inference() else both * gate
+        return self.project_out(gated.view(b, c, h, w))
 
 
 class SpatialInteraction(nn.Module):
     """Gate each pixel of ``channel_map`` by how it aligns with ``spatial_map``'s channel means ([B, C, HW])."""
 
-    def forward(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
+    def gate(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
         means = spatial_map.mean(dim=-1).unsqueeze(1)  # [B, 1, C]
-        return torch.sigmoid(means @ channel_map / spatial_map.size(1)) * channel_map
+        return torch.sigmoid(means @ channel_map / spatial_map.size(1))  # [B, 1, HW]
+
+    def forward(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
+        return self.gate(channel_map, spatial_map) * channel_map
 
 
 class ChannelInteraction(nn.Module):
     """Gate each channel of ``spatial_map`` by how it aligns with ``channel_map``'s pixel means ([B, C, HW])."""
 
-    def forward(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
+    def gate(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
         # divide before the sum over pixels (the reference divides after): equal, and no fp16 overflow
         means = channel_map.mean(dim=1).unsqueeze(2) / spatial_map.size(2)  # [B, HW, 1]
-        return torch.sigmoid(spatial_map @ means) * spatial_map
+        return torch.sigmoid(spatial_map @ means)  # [B, C, 1]
+
+    def forward(self, channel_map: Tensor, spatial_map: Tensor) -> Tensor:
+        return self.gate(channel_map, spatial_map) * spatial_map
+
+
+def _tanh(x: Tensor) -> Tensor:
+    """``tanh`` of a fresh tensor, which it may overwrite. On the CPU without autograd it is computed
+    as ``2 * sigmoid(2x) - 1``: equal to within about 1e-7, and several times faster there."""
+    if not _cpu_inference(x):
+        return torch.tanh(x)
+    return x.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
 class LSAMixer(nn.Module):
@@ -269,15 +347,31 @@ class LSAMixer(nn.Module):
             check_kernel_map(state_dict[key], self.kernel_size, where=f"'{key}'")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    def _horizontal_patch_conv(self, x: Tensor) -> Tensor:
+        """``h_kernel[0]`` (depthwise 1 x P), run as a P x 1 conv on the transposed map: the same sums,
+        and oneDNN's depthwise conv is several times faster along H than along W on the CPU."""
+        conv = self.h_kernel[0]
+        if x.device.type != "cpu":
+            return conv(x)
+        weight = conv.weight.transpose(2, 3)
+        out = F.conv2d(x.transpose(2, 3), weight, conv.bias, padding=conv.padding[::-1], groups=conv.groups)
+        return out.transpose(2, 3)
+
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
         taps = self.taps()
         x1, x2 = self.proj_in(x).chunk(2, dim=1)
         x_conv = self.channel_branch(x1)
-        attn_h = fsa_spatial(x2, torch.tanh(self.h_kernel(x2)), taps, self.groups, "horizontal")
-        attn = fsa_spatial(attn_h, torch.tanh(self.v_kernel(attn_h)), taps, self.groups, "vertical")
+        kernel_h = _tanh(self.h_kernel[1](self._horizontal_patch_conv(x2)))
+        attn_h = fsa_spatial(x2, kernel_h, taps, self.groups, "horizontal")
+        attn = fsa_spatial(attn_h, _tanh(self.v_kernel(attn_h)), taps, self.groups, "vertical")
         x_conv = x_conv.reshape(b, self.dim, h * w)
         attn = attn.reshape(b, self.dim, h * w)
+        if _inference():  # both gated maps written straight into the concatenation
+            mixed = x_conv.new_empty(b, 2 * self.dim, h * w)
+            torch.mul(self.spatial_interaction.gate(x_conv, attn), x_conv, out=mixed[:, : self.dim])
+            torch.mul(self.channel_interaction.gate(x_conv, attn), attn, out=mixed[:, self.dim :])
+            return self.proj_out(mixed.view(b, 2 * self.dim, h, w))
         spatial_map = self.spatial_interaction(x_conv, attn).view(b, self.dim, h, w)
         channel_map = self.channel_interaction(x_conv, attn).view(b, self.dim, h, w)
         return self.proj_out(torch.cat([spatial_map, channel_map], dim=1))
@@ -296,7 +390,7 @@ class LAMixerBlock(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addcmul(x, self.mixers(x), self.alpha)
+        return _scaled_residual(x, self.mixers(x), self.alpha)
 
 
 class UpsampleOneStep(nn.Sequential):
@@ -377,7 +471,7 @@ class LAMNet(nn.Module):
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.shallow_feature_extraction(x)
-        x = torch.addcmul(x, self.deep_feature_extraction(x), self.alpha)
+        x = _scaled_residual(x, self.deep_feature_extraction(x), self.alpha)
         x = self.upsample(x)
         return x / self.img_range + mean
 
