@@ -1,0 +1,1 @@
+"""FlexSR training: fine-tuning command line, data, degradations, losses, loop and evaluation."""
