@@ -38,6 +38,8 @@ __all__ = [
     "DGFN",
     "generate_kernel_map",
     "kernel_layout_of",
+    "check_kernel_map",
+    "depthwise_conv_cpu",
     "ARCHITECTURES",
 ]
 
@@ -333,10 +335,20 @@ class LSAMixer(nn.Module):
         self.proj_out = nn.Conv2d(dim, dim, 1)
 
     def taps(self) -> KernelMap:
-        """The kernel map as Python pairs, re-read whenever the buffer changes (load, in-place edit, move)."""
+        """The kernel map as Python pairs, re-read whenever the buffer changes (load, in-place edit, move).
+
+        On the CPU the buffer's values are the cache key (a few dozen ints); elsewhere its storage and
+        version counter are, so that no forward pass waits on a device-to-host copy. (Inference tensors
+        keep no version counter: there, only loads and moves are noticed.)
+        """
         buf = self.kernel_map
-        key = (buf.device, buf.data_ptr(), buf._version)
-        if key != self._taps_key and buf.device.type != "meta":
+        if buf.device.type == "meta":
+            return self._taps
+        if buf.device.type == "cpu":
+            key: tuple = tuple(buf.flatten().tolist())
+        else:
+            key = (buf.device, buf.data_ptr(), None if buf.is_inference() else buf._version)
+        if key != self._taps_key:
             self._taps = normalize_kernel_map(buf)
             self._taps_key = key
         return self._taps
@@ -346,6 +358,7 @@ class LSAMixer(nn.Module):
         if key in state_dict:
             check_kernel_map(state_dict[key], self.kernel_size, where=f"'{key}'")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._taps_key = None  # re-read the (possibly new) values at the next forward pass
 
     def _horizontal_patch_conv(self, x: Tensor) -> Tensor:
         """``h_kernel[0]`` (depthwise 1 x P), run as a P x 1 conv on the transposed map: the same sums,

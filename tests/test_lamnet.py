@@ -13,6 +13,7 @@ import archs
 from archs import IncompatibleWeightsError, UnsupportedModelError
 from archs.lamnet import (
     LAMNet,
+    depthwise_conv_cpu,
     LAMNet_base,
     LAMNet_large,
     LAMNetArch,
@@ -247,6 +248,40 @@ def test_forward_uses_the_loaded_kernel_map():
         assert not torch.allclose(before, after)
         mixer.kernel_map.copy_(torch.tensor(generate_kernel_map(5, (1, 2), (2, 3))[0], dtype=torch.int32))
         torch.testing.assert_close(model(x), before)
+
+
+def test_inference_mode_load_and_reload():
+    """ComfyUI runs nodes under torch.inference_mode: buffers then keep no version counter."""
+    sd = _state()
+    x = torch.rand(1, 3, 8, 7)
+    with torch.inference_mode():
+        model = archs.load_model(sd).model
+        before = model(x)
+        sd[MIXER + "kernel_map"] = torch.tensor([[-6, 4], [0, 1], [0, 1], [0, 1], [0, 1]], dtype=torch.int32)
+        model.load_state_dict(sd)
+        after = model(x)
+    assert model.deep_feature_extraction[0].mixers[0].fn.taps()[0] == (-6, 4)
+    assert not torch.allclose(before, after)
+
+
+def test_inference_fast_paths_match_autograd_paths():
+    """Under no_grad the CPU takes in-place and banded shortcuts; with autograd, plain ops. Same numbers."""
+    model = tiny(kernel_size=13, kernel_loc=(4, 6, 7), kernel_stride=(1, 2, 4), num_blocks=2).eval()
+    x = torch.rand(2, 3, 19, 13)
+    with torch.no_grad():
+        fast = model(x)
+    plain = model(x)
+    assert plain.requires_grad
+    torch.testing.assert_close(fast, plain.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), ((1, 23), (0, 11)), ((5, 3), (2, 1))])
+def test_depthwise_conv_cpu_matches_conv2d(kernel, padding):
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=padding, groups=6)
+    x = torch.randn(2, 6, 9, 5)
+    with torch.no_grad():
+        for band in (1 << 19, 30):  # one band; bands of a row or two
+            torch.testing.assert_close(depthwise_conv_cpu(x, conv, band_elements=band), conv(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
