@@ -13,7 +13,6 @@ conv3 + PixelShuffle (``upsample``) -> ``+ mean``.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -26,8 +25,6 @@ from torch import Tensor, nn
 from .errors import IncompatibleWeightsError
 from .fsa import KernelMap, fsa_spatial, normalize_kernel_map, tap_ranges
 from .registry import FlexSRArchitecture
-
-log = logging.getLogger("flexsr")
 
 __all__ = [
     "LAMNet",
