@@ -152,8 +152,8 @@ def test_precision_does_not_degrade_with_image_size(direction):
     kernel = torch.rand(1, len(RELEASE_MAP), *long_axis)
     want = fsa_per_tap(x.double(), kernel.double(), RELEASE_MAP, 1, direction)
     got = fsa_spatial(x, kernel, RELEASE_MAP, 1, direction)
-    assert (got.double() - want).abs().max() < 2e-5
-    assert (fsa_prefix_sum(x, kernel, RELEASE_MAP, 1, direction).double() - want).abs().max() > 1e-4
+    assert (got.double() - want).abs().max() < 6e-5  # outputs reach ~70: a few float32 ulps
+    assert (fsa_prefix_sum(x, kernel, RELEASE_MAP, 1, direction).double() - want).abs().max() > 1e-3
 
 
 def test_kernel_map_tensor_and_list_agree():
