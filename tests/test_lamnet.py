@@ -194,7 +194,21 @@ def test_no_spandrel_builtin_claims_lamnet():
     assert claimed == []
 
 
-def test_lamnet_does_not_claim_other_families(shared_weights):
+def test_detection_is_exclusive_among_flexsr_families():
+    """No other FlexSR family (FlexNet, LMLT, ...) claims LAMNet, and LAMNet claims none of theirs."""
+    lamnet_sd = LAMNet_base(2).state_dict()
+    others = [s.architecture for s in archs.REGISTRY.architectures("detection") if s.architecture.id != "LAMNet"]
+    assert others, "expected the other families in the registry"
+    detect = LAMNetArch().detect
+    for arch in others:
+        assert not arch.detect(lamnet_sd), arch.id
+        if isinstance(arch, archs.FlexSRArchitecture):
+            with torch.device("meta"):
+                their_sd = arch.signature_model().state_dict()
+            assert not detect(their_sd), arch.id
+
+
+def test_lamnet_does_not_claim_other_checkpoints(shared_weights):
     detect = LAMNetArch().detect
     for path in sorted(shared_weights.glob("*.pth")):
         assert not detect(archs.read_state_dict(path)), path.name
