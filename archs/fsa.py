@@ -47,7 +47,7 @@ __all__ = [
 #: ``((start, len), ...)``: one pair per tap, as stored in LAMNet's ``kernel_map`` buffer.
 KernelMap = tuple[tuple[int, int], ...]
 
-#: Target number of output elements per band on the CPU (2 MB of float32: the band's working set stays in cache).
+#: Output elements per band and CPU thread (2 MB of float32: a thread's working set stays in cache).
 CPU_BAND_ELEMENTS = 1 << 19
 
 _DIRECTIONS = {"horizontal": -1, "vertical": -2}
@@ -115,7 +115,8 @@ def fsa_spatial(
         groups: number of channel groups sharing one set of tap weights.
         direction: ``"horizontal"`` (along W) or ``"vertical"`` (along H).
         band_elements: rows per CPU band are chosen so a band holds about this many output elements
-            (default :data:`CPU_BAND_ELEMENTS`; ``0`` = no banding). Only speed depends on it.
+            (default :data:`CPU_BAND_ELEMENTS` times torch's thread count; ``0`` = no banding). Only
+            speed depends on it.
 
     Returns ``[B, C, H, W]`` in ``x``'s dtype. Differentiable in ``x`` and ``kernel``.
     """
@@ -243,7 +244,8 @@ def _fsa(x: Tensor, kernel: Tensor, taps: KernelMap, groups: int, dim: int, band
     xg = x.reshape(b, groups, c // groups, h, w)
     kg = kernel.reshape(b, groups, k, h, w)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-    band = CPU_BAND_ELEMENTS if band_elements is None else band_elements
+    # each of torch's CPU threads works on its share of a band, so bands grow with the thread count
+    band = CPU_BAND_ELEMENTS * torch.get_num_threads() if band_elements is None else band_elements
     if needs_grad or band <= 0 or x.device.type != "cpu" or x.numel() <= band:
         # One band: a fresh result, which autograd follows through the in-place adds; batched work
         # also suits accelerators.

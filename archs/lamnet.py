@@ -23,7 +23,7 @@ from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
 from .errors import IncompatibleWeightsError
-from .fsa import KernelMap, fsa_spatial, normalize_kernel_map, tap_ranges
+from .fsa import CPU_BAND_ELEMENTS, KernelMap, fsa_spatial, normalize_kernel_map, tap_ranges
 from .registry import FlexSRArchitecture
 
 __all__ = [
@@ -168,12 +168,12 @@ def _scaled_residual(x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
     return torch.addcmul(x, y, alpha)
 
 
-def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int = 1 << 19) -> Tensor:
+def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int | None = None) -> Tensor:
     """``conv(x)`` for a depthwise, stride-1, zero-padded "same" conv, as shifted multiply-adds.
 
     oneDNN runs such convs on NCHW tensors through layout reorders that cost several times the
     arithmetic; here each kernel tap is one fused multiply-add of a shifted slice, done in bands of
-    rows that stay in cache (the same scheme as :mod:`archs.fsa`). ``x`` ``[B, C, H, W]``.
+    rows that stay in cache (the same scheme and band size as :mod:`archs.fsa`). ``x`` ``[B, C, H, W]``.
     """
     weight, bias = conv.weight, conv.bias
     b, c, h, w = x.shape
@@ -182,7 +182,8 @@ def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int = 1 << 19)
     if (kh, kw) != (2 * ph + 1, 2 * pw + 1) or conv.stride != (1, 1) or conv.dilation != (1, 1):
         return conv(x)
     taps = weight.to(x.dtype).reshape(c, kh * kw).t().reshape(kh * kw, 1, c, 1, 1).contiguous()
-    rows = max(1, min(h, band_elements // max(1, c * w)))
+    band = CPU_BAND_ELEMENTS * torch.get_num_threads() if band_elements is None else band_elements
+    rows = max(1, min(h, band // max(1, c * w)))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     padded = x.new_zeros(1, c, rows + 2 * ph, w + 2 * pw)
     for i in range(b):
