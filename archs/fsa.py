@@ -262,10 +262,12 @@ def _fsa_banded(xg: Tensor, kg: Tensor, live, plan, pad_lo: int, pad_hi: int, di
     """
     b, groups, cg, h, w = xg.shape
     out = torch.empty_like(xg, memory_format=torch.contiguous_format)
-    if dim == -1:
-        padded = xg.new_zeros(1, groups, cg, rows, pad_lo + w + pad_hi)
-    else:
-        padded = xg.new_zeros(1, groups, cg, pad_lo + rows + pad_hi, w)
+    if dim == -1:  # the side margins stay zero; every band fills the middle
+        padded = xg.new_empty(1, groups, cg, rows, pad_lo + w + pad_hi)
+        padded[..., :pad_lo].zero_()
+        padded[..., pad_lo + w :].zero_()
+    else:  # each band fills all of its rows (zeros above and below the image)
+        padded = xg.new_empty(1, groups, cg, pad_lo + rows + pad_hi, w)
     bufs = {length: torch.empty_like(padded) for length, _, _, _ in plan}
     for i in range(b):
         for r0 in range(0, h, rows):

@@ -172,8 +172,9 @@ def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int | None = N
     """``conv(x)`` for a depthwise, stride-1, zero-padded "same" conv, as shifted multiply-adds.
 
     oneDNN runs such convs on NCHW tensors through layout reorders that cost several times the
-    arithmetic; here each kernel tap is one fused multiply-add of a shifted slice, done in bands of
-    rows that stay in cache (the same scheme and band size as :mod:`archs.fsa`). ``x`` ``[B, C, H, W]``.
+    arithmetic; here each kernel tap is one fused multiply-add of a shifted slice of ``x`` into the part
+    of the output it reaches (so no padded copy is made), in bands of rows that stay in cache (the
+    same band size as :mod:`archs.fsa`). ``x`` ``[B, C, H, W]``.
     """
     weight, bias = conv.weight, conv.bias
     b, c, h, w = x.shape
@@ -181,32 +182,28 @@ def depthwise_conv_cpu(x: Tensor, conv: nn.Conv2d, band_elements: int | None = N
     ph, pw = conv.padding
     if (kh, kw) != (2 * ph + 1, 2 * pw + 1) or conv.stride != (1, 1) or conv.dilation != (1, 1):
         return conv(x)
-    taps = weight.to(x.dtype).reshape(c, kh * kw).t().reshape(kh * kw, 1, c, 1, 1).contiguous()
+    taps = weight.to(x.dtype).reshape(c, kh * kw).t().reshape(kh * kw, 1, c, 1, 1)
+    order = [ph * kw + pw] + [t for t in range(kh * kw) if t != ph * kw + pw]  # the centre covers all
     band = CPU_BAND_ELEMENTS * torch.get_num_threads() if band_elements is None else band_elements
     rows = max(1, min(h, band // max(1, c * w)))
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    padded = x.new_zeros(1, c, rows + 2 * ph, w + 2 * pw)
     for i in range(b):
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
-            n = r1 - r0
-            a, z = max(0, r0 - ph), min(h, r1 + ph)
-            top, bottom = a - (r0 - ph), (r1 + ph) - z
-            xp = padded[:, :, : n + 2 * ph]
-            if top:
-                xp[:, :, :top].zero_()
-            if bottom:
-                xp[:, :, n + 2 * ph - bottom :].zero_()
-            xp[:, :, top : n + 2 * ph - bottom, pw : pw + w].copy_(x[i : i + 1, :, a:z])
-            band = out[i : i + 1, :, r0:r1]
-            for t in range(kh * kw):
-                src = xp[:, :, t // kw : t // kw + n, t % kw : t % kw + w]
-                if t == 0:
-                    torch.mul(src, taps[0], out=band)
+            for t in order:
+                dy, dx = t // kw - ph, t % kw - pw
+                ya, yb = max(r0, -dy), min(r1, h - dy)  # output rows whose source row is inside
+                xa, xb = max(0, -dx), min(w, w - dx)
+                if ya >= yb or xa >= xb:
+                    continue
+                target = out[i : i + 1, :, ya:yb, xa:xb]
+                src = x[i : i + 1, :, ya + dy : yb + dy, xa + dx : xb + dx]
+                if t == order[0]:
+                    torch.mul(src, taps[t], out=target)
                 else:
-                    band.addcmul_(src, taps[t])
+                    target.addcmul_(src, taps[t])
             if bias is not None:
-                band.add_(bias.to(x.dtype).view(1, c, 1, 1))
+                out[i : i + 1, :, r0:r1].add_(bias.to(x.dtype).view(1, c, 1, 1))
     return out
 
 
