@@ -13,6 +13,7 @@ import archs
 from archs import IncompatibleWeightsError, UnsupportedModelError
 from archs.lamnet import (
     LAMNet,
+    LayerNormUnchanged,
     depthwise_conv_cpu,
     LAMNet_base,
     LAMNet_large,
@@ -307,6 +308,17 @@ def test_low_precision_forward_on_cpu(dtype):
         got = model.to(dtype)(x.to(dtype))
     assert got.dtype == dtype and torch.isfinite(got).all()
     assert (got.float() - want).abs().max() < (0.05 if dtype == torch.float16 else 0.25)
+
+
+def test_channel_norm_survives_large_fp16_features():
+    """Deviations above 256 square past fp16's range; the norm still gives the float32 answer."""
+    norm = LayerNormUnchanged(8)
+    x = torch.randn(1, 8, 3, 3) * 150  # variance ~22500 fits fp16; single squares up to ~2e5 do not
+    with torch.no_grad():
+        want = norm(x)
+        got = norm(x.half())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-2)
 
 
 def test_gradients_flow():
