@@ -1,0 +1,597 @@
+"""The upscale engine: plain torch, used by the nodes, the benchmarks and the tests.
+
+``upscale_image(model, image)`` takes a spandrel ``ImageModelDescriptor`` and a ComfyUI IMAGE
+(float ``[B, H, W, C]`` in 0..1, C = 1, 3 or 4) and returns the upscaled IMAGE and a :class:`Report`.
+
+How a run goes:
+1. The image is checked (finite, 1/3/4 channels, H, W >= 1) and split into channel jobs
+   (:mod:`.channels`: grey, RGB, RGBA with alpha by the model, by bicubic, or from a MASK).
+2. Precision is chosen among those the model supports (:func:`resolve_precision`); the model runs under
+   autocast, so its weights are never converted.
+3. The tile size comes from free memory (CUDA device memory, or available RAM on CPU) and the model's
+   size (:func:`auto_tile`), unless given. Tiles are planned by :mod:`.tiles`: even, aligned to the
+   model's padding/window unit (:func:`alignment`), with context only where tiles meet.
+4. Tiles of one window shape run in batches; each output is clamped, cropped and blended into the
+   output tensor in place (:mod:`.blend`), so peak memory is input + output + one batch's working set.
+5. On out-of-memory the batch is halved, then the tile size, and only the pending tiles are re-split:
+   finished tiles stay. Below the floor size :class:`UpscaleOutOfMemoryError` is raised.
+6. The cancel check runs before every model call; progress is reported after every batch.
+7. A target scale below the model's is reached by an antialiased bicubic downscale of the result;
+   above it, the model is applied again (at most :data:`MAX_PASSES` passes), then resized to the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..archs.errors import BadImageError, FlexSRError
+from . import host
+from .blend import write_tile
+from .channels import ALPHA_MODES, Job, plan_channels
+from .tiles import Layout, Tile, describe, plan_tiles, resplit
+
+log = logging.getLogger("flexsr")
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_PASSES = 4
+#: Smallest tile (px) the out-of-memory fallback goes down to.
+MIN_TILE = 32
+#: CPU working-set cap: larger tiles do not run faster on a CPU, they only take memory.
+CPU_WORKSET = 2 << 30
+MAX_BATCH = 16
+_ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
+
+
+class UpscaleOutOfMemoryError(FlexSRError, MemoryError):
+    """The model ran out of memory even on the smallest tile."""
+
+
+class UpscaleCancelled(FlexSRError):
+    """Raised by callers' cancel hooks outside ComfyUI (ComfyUI raises its own interrupt exception)."""
+
+
+@dataclass
+class Report:
+    """What a run did, for logs and the upscale node's UI."""
+
+    input_size: tuple[int, int] = (0, 0)
+    output_size: tuple[int, int] = (0, 0)
+    batch_size: int = 0
+    channels: str = ""
+    device: str = "cpu"
+    precision: str = "fp32"
+    align: int = 1
+    context: int = 0
+    tile: int = 0
+    batch: int = 1
+    passes: int = 0
+    tiles: int = 0
+    model_calls: int = 0
+    oom_retries: int = 0
+    plan: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        (h, w), (oh, ow) = self.input_size, self.output_size
+        parts = [
+            f"{self.plan}" + (f" (+{self.context} px context, grid {self.align})" if self.context else ""),
+            f"{self.precision} on {self.device}, batch {self.batch}",
+            f"{self.batch_size}× {w}×{h} → {ow}×{oh} {self.channels}",
+        ]
+        if self.passes > 1:
+            parts.append(f"{self.passes} model passes")
+        if self.oom_retries:
+            parts.append(f"out of memory {self.oom_retries}× → tile {self.tile} px")
+        return "; ".join(parts + self.notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model facts
+
+
+def alignment(model) -> int:
+    """The model's padding/window unit: tile origins on multiples of it keep windows where they are.
+
+    Read from spandrel's ``size_requirements.multiple_of``, the module's ``tile_alignment`` /
+    ``pad_multiple`` / ``pad_unit`` / ``padding_multiple`` attributes and ``window_size`` /
+    ``split_size`` (attribute or hyperparameter): their least common multiple, at most 256.
+    """
+    units = [model.size_requirements.multiple_of]
+    module = model.model
+    hp = getattr(module, "hyperparameters", None) or {}
+    for name in _ALIGN_ATTRS:
+        for value in (getattr(module, name, None), hp.get(name)):
+            units.extend(_ints(value))
+    u = 1
+    for v in units:
+        if 0 < v <= 256:
+            u = math.lcm(u, v)
+    return min(u, 256)
+
+
+def _ints(value) -> list[int]:
+    if isinstance(value, Tensor):
+        return [int(v) for v in value.flatten().tolist()] if value.numel() <= 8 else []
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _ints(item)]
+    return []
+
+
+def grid_unit(model) -> int:
+    """Tile grid for ``model``: its :func:`alignment`, raised to a multiple of 8 when smaller."""
+    u = alignment(model)
+    return u if u >= 8 else math.lcm(u, 8)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.model.parameters())
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.model.parameters()) + list(model.model.buffers()))
+
+
+def resolve_precision(requested: str, model, device: torch.device) -> torch.dtype:
+    """The dtype to run in: ``requested`` when the model supports it, else the nearest it supports.
+
+    "auto": fp16 on CUDA when supported, else bf16 when supported there, else fp32 (always on CPU).
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
+    half, bf16 = bool(model.supports_half), bool(model.supports_bfloat16)
+    bf16_here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if requested == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if half else torch.bfloat16 if bf16 and bf16_here else torch.float32
+    if requested == "fp16" and not half:
+        chosen = torch.bfloat16 if bf16 and bf16_here else torch.float32
+        log.warning("FlexSR: %s does not support fp16; using %s.", model.architecture.name, NAMES[chosen])
+        return chosen
+    if requested == "bf16" and not (bf16 and bf16_here):
+        log.warning("FlexSR: bf16 is not supported by %s here; using fp32.", model.architecture.name)
+        return torch.float32
+    return DTYPES[requested]
+
+
+def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
+    """A generous static estimate of one model call's working memory per input pixel.
+
+    The widest layer's activations a dozen times over at input resolution, the same again for the
+    layers that may run at output resolution, and the float32 output.
+    """
+    width = 1
+    for m in model.model.modules():
+        width = max(width, getattr(m, "out_channels", 0) or 0, getattr(m, "out_features", 0) or 0)
+    width = min(width, 4096)
+    elem = torch.empty((), dtype=dtype).element_size()
+    s2 = model.scale**2
+    return int(elem * width * (12 + 2 * s2) + 4 * model.output_channels * s2 * 3)
+
+
+def _cache(model) -> dict:
+    cache = getattr(model, "_flexsr_bpp", None)
+    if not isinstance(cache, dict):
+        cache = {}
+        try:
+            model._flexsr_bpp = cache
+        except AttributeError:
+            pass
+    return cache
+
+
+@torch.inference_mode()
+def measure_bytes_per_pixel(model, dtype: torch.dtype, device: torch.device, side: int) -> Optional[int]:
+    """Working memory per input pixel of one model call, measured on a ``side``² probe.
+
+    CUDA: the allocator's peak. CPU: forward hooks record every module's output; the three largest
+    live at once, with half again for the allocator and whatever functional ops add, plus the output.
+    None when the probe fails (the static estimate is used then).
+    """
+    cache = _cache(model)
+    key = (str(dtype), device.type, side)
+    if key in cache:
+        return cache[key]
+    x = torch.rand(1, model.input_channels, side, side, device=device, dtype=model.dtype)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with _autocast(device, dtype, model.dtype):
+                model(x)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base
+            bpp = int(peak * 1.25 / (side * side)) + 1
+        else:
+            sizes: list[int] = []
+
+            def hook(_module, _inputs, output):
+                if isinstance(output, Tensor):
+                    sizes.append(output.numel() * output.element_size())
+
+            handles = [m.register_forward_hook(hook) for m in model.model.modules()]
+            try:
+                with _autocast(device, dtype, model.dtype):
+                    y = model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            top = sum(sorted(sizes, reverse=True)[:3])
+            bpp = int((top * 1.5 + 2 * y.numel() * 4) / (side * side)) + 1
+    except Exception as e:  # out of memory already, or an odd model: fall back to the estimate
+        log.debug("FlexSR: memory probe failed: %s", e)
+        if device.type == "cuda":
+            host.empty_cache()
+        return None
+    cache[key] = bpp
+    return bpp
+
+
+def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layout,
+                  probe: bool = True) -> tuple[float, int]:
+    """(bytes the tiles may use, bytes per input pixel of a model call) on ``device``.
+
+    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`), else estimated.
+    """
+    if device.type == "cuda":
+        budget = host.free_memory(device) * 0.8
+        if model.device != device:
+            budget -= model_bytes(model)
+    else:
+        budget = min(host.available_ram() * 0.4, CPU_WORKSET)
+    side = max(layout.align, 64 // layout.align * layout.align)
+    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate_bytes_per_pixel(
+        model, dtype
+    )
+    return max(budget, 0.0), max(bpp, 1)
+
+
+def auto_tile(budget: float, bpp: int, layout: Layout, height: int, width: int, batch_size: int) -> int:
+    """The largest tile whose window fits ``budget``: the whole image when it fits."""
+    pixels = budget / bpp
+    if height * width <= pixels:
+        return max(height, width)
+    side = int(math.sqrt(pixels)) - 2 * layout.context
+    return max(layout.min_tile(), side // layout.align * layout.align)
+
+
+def auto_batch(budget: float, bpp: int, layout: Layout, tile: int, height: int, width: int) -> int:
+    """How many windows of ``tile`` (plus context) fit ``budget`` at once (1..MAX_BATCH)."""
+    wh = min(height, tile + 2 * layout.context)
+    ww = min(width, tile + 2 * layout.context)
+    return int(max(1, min(MAX_BATCH, budget / bpp // (wh * ww))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Running tiles
+
+
+def _autocast(device: torch.device, dtype: torch.dtype, model_dtype: torch.dtype):
+    if dtype == model_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _is_oom(e: BaseException, types: tuple) -> bool:
+    if isinstance(e, types):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+class TileRunner:
+    """Runs one model over tiles of ``[B, C, H, W]`` sources, blending into destinations in place."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, layout: Layout, tile: int, batch: int,
+                 report: Report, check_cancel: Callable[[], None], on_progress: Callable[[int], None]):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.layout = layout
+        self.tile = layout.tile_size(tile)
+        self.batch = max(1, batch)
+        self.report = report
+        self.check_cancel = check_cancel
+        self.on_progress = on_progress
+        self.oom = host.oom_types()
+        self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
+        self.used_batch = 1
+
+    @torch.inference_mode()
+    def run(self, src: Tensor, dst: Tensor, pre=None, post=None) -> None:
+        """``src`` [B, C, H, W] (any strides, CPU), ``dst`` [B, C', H*s, W*s] zero-filled, written in place."""
+        B, _, H, W = src.shape
+        s = self.model.scale
+        pending = plan_tiles(B, H, W, self.tile, self.layout)
+        self.report.plan = describe(pending)
+        self.report.context = self.layout.context if len(pending) > B else 0
+        done = 0
+        while pending:
+            self.check_cancel()
+            group = self._take(pending)
+            try:
+                results = self._call(src, group, pre)
+            except Exception as e:
+                if not _is_oom(e, self.oom):
+                    raise
+                del e
+                pending = self._shrink(pending, len(group), H, W)
+                continue
+            for tile, result in zip(group, results):
+                if post is not None:  # the model's output is clamped already (spandrel's call)
+                    result = post(result[None])[0].clamp_(0, 1)
+                write_tile(dst, tile.index, tile, result, self.layout.blend, s, H, W)
+            taken = {id(t) for t in group}
+            pending = [t for t in pending if id(t) not in taken]
+            done += len(group)
+            self.report.tiles += len(group)
+            self.used_batch = max(self.used_batch, len(group))
+            self.on_progress(sum(t.core_area for t in group))
+        self.report.batch = self.used_batch
+
+    def _take(self, pending: Sequence[Tile]) -> list[Tile]:
+        shape = pending[0].window_shape
+        return [t for t in pending if t.window_shape == shape][: self.batch]
+
+    def _call(self, src: Tensor, group: list[Tile], pre) -> Tensor:
+        windows = [src[t.index, :, t.y.lo : t.y.hi, t.x.lo : t.x.hi] for t in group]
+        x = torch.stack(windows).to(self.device, self.model.dtype)
+        if pre is not None:
+            x = pre(x)
+        self.report.model_calls += 1
+        with _autocast(self.device, self.dtype, self.model.dtype):
+            y = self.model(x)
+        if self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
+            log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
+            self.report.notes.append(f"{NAMES.get(self.dtype)} overflowed → fp32")
+            self.dtype = torch.float32
+            self.report.precision = "fp32"
+            with _autocast(self.device, self.dtype, self.model.dtype):
+                y = self.model(x)
+        return y
+
+    def _shrink(self, pending: list[Tile], failed: int, H: int, W: int) -> list[Tile]:
+        host.empty_cache()
+        self.report.oom_retries += 1
+        if failed > 1:
+            self.batch = max(1, failed // 2)
+            log.warning("FlexSR: out of memory with %d tiles per call; trying %d.", failed, self.batch)
+            return pending
+        if self.tile <= self.floor:
+            raise UpscaleOutOfMemoryError(
+                f"Out of memory on {self.device} even with {self.tile}px tiles "
+                f"({self.tile + 2 * self.layout.context}px with context). Free memory (close other "
+                f"models or programs), use a smaller overlap, precision fp16/bf16, or run on CPU."
+            )
+        self.tile = max(self.floor, self.layout.tile_size(self.tile // 2))
+        log.warning("FlexSR: out of memory; continuing with %dpx tiles.", self.tile)
+        pending = resplit(pending, H, W, self.tile, self.layout)
+        self.report.tile = self.tile
+        return pending
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def check_image(image) -> Tensor:
+    """A ComfyUI IMAGE as float32 ``[B, H, W, C]``; anything else raises :class:`BadImageError`."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise BadImageError("No images were given.")
+        items = [check_image(i) for i in image]
+        sizes = {tuple(i.shape[1:]) for i in items}
+        if len(sizes) > 1:
+            listed = ", ".join(f"{w}×{h}×{c}" for h, w, c in sorted(sizes))
+            raise BadImageError(
+                f"The batch mixes image sizes ({listed}); a batch must hold images of one size. Resize them "
+                f"to one size first, or upscale them one at a time."
+            )
+        return torch.cat(items)
+    if not isinstance(image, Tensor):
+        raise BadImageError(f"Expected an IMAGE tensor, got {type(image).__name__}.")
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4:
+        raise BadImageError(f"An IMAGE is [batch, height, width, channels]; this one has shape {tuple(image.shape)}.")
+    if not image.is_floating_point():
+        raise BadImageError(f"An IMAGE holds floats in 0..1; this one is {image.dtype}. Convert it first.")
+    b, h, w, c = image.shape
+    if b == 0 or h == 0 or w == 0:
+        raise BadImageError(f"The image is empty (shape {tuple(image.shape)}).")
+    if c not in (1, 3, 4):
+        raise BadImageError(f"The image has {c} channels; FlexSR upscales grey (1), RGB (3) and RGBA (4) images.")
+    if not bool(torch.isfinite(image).all()):
+        bad = int((~torch.isfinite(image)).sum())
+        raise BadImageError(
+            f"The image contains {bad} NaN or infinite value(s); fix the node that produced it "
+            f"(e.g. clamp it) before upscaling."
+        )
+    return image.float()
+
+
+def attach_mask(image: Tensor, mask: Optional[Tensor], invert: bool = True) -> Tensor:
+    """RGB(A) ``image`` with its alpha replaced by ``mask`` ([B or 1, H, W], resized if needed).
+
+    ComfyUI masks mark transparency (Load Image's MASK is 1 - alpha), so ``invert`` gives alpha = 1 - mask.
+    """
+    if mask is None:
+        return image
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 3):
+        raise BadImageError(f"A MASK is [batch, height, width]; got {getattr(mask, 'shape', type(mask).__name__)}.")
+    mask = mask[None] if mask.dim() == 2 else mask
+    if not bool(torch.isfinite(mask).all()):
+        raise BadImageError("The mask contains NaN or infinite values.")
+    b, h, w, c = image.shape
+    if mask.shape[0] not in (1, b):
+        raise BadImageError(f"The mask batch ({mask.shape[0]}) must be 1 or the image batch ({b}).")
+    mask = mask.float()
+    if mask.shape[1:] != (h, w):
+        mask = F.interpolate(mask[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    alpha = (1.0 - mask if invert else mask).clamp(0, 1).expand(b, h, w)[..., None]
+    rgb = image[..., :3] if c >= 3 else image[..., :1].expand(b, h, w, 3)
+    return torch.cat([rgb, alpha], -1)
+
+
+def resize(image: Tensor, height: int, width: int) -> Tensor:
+    """Antialiased bicubic resize of ``[B, H, W, C]``, one image at a time, clamped to 0..1."""
+    out = torch.empty(image.shape[0], image.shape[3], height, width, dtype=image.dtype)
+    for i in range(image.shape[0]):
+        x = image[i : i + 1].permute(0, 3, 1, 2)
+        y = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        out[i] = y.clamp_(0, 1)[0]
+    return out.permute(0, 2, 3, 1)
+
+
+class _Progress:
+    def __init__(self, total: int, callback: Optional[Callable[[int, int], None]]):
+        self.total = max(1, total)
+        self.done = 0
+        self.callback = callback
+
+    def add(self, amount: int) -> None:
+        self.done = min(self.total, self.done + amount)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _passes(model_scale: int, target: float) -> int:
+    if target <= model_scale or model_scale <= 1:
+        return 1
+    n = 1
+    while model_scale**n < target - 1e-6 and n < MAX_PASSES:
+        n += 1
+    return n
+
+
+def upscale_image(
+    model,
+    image,
+    *,
+    tile_size: int = 0,
+    overlap: int = 32,
+    precision: str = "auto",
+    target_scale: float = 0.0,
+    alpha_mode: str = "model",
+    mask: Optional[Tensor] = None,
+    invert_mask: bool = True,
+    device: Optional[torch.device | str] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    check_cancel: Optional[Callable[[], None]] = None,
+) -> tuple[Tensor, Report]:
+    """Upscale a ComfyUI IMAGE ``[B, H, W, C]`` (0..1) with a spandrel ``ImageModelDescriptor``.
+
+    ``tile_size``: core tile size in input px, 0 = automatic. ``overlap``: context px around each tile
+    where tiles meet (rounded up to the model's grid; half of it crossfades). ``target_scale``: 0 = the
+    model's scale. Returns (IMAGE ``[B, H', W', C']`` float32 on CPU, :class:`Report`).
+    """
+    image = check_image(image)
+    image = attach_mask(image, mask, invert_mask)
+    if alpha_mode not in ALPHA_MODES:
+        raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, not {alpha_mode!r}")
+    if target_scale < 0 or not math.isfinite(target_scale):
+        raise ValueError(f"target_scale must be 0 (the model's scale) or positive, not {target_scale}")
+    device = torch.device(device) if device is not None else host.torch_device()
+    check_cancel = check_cancel or host.check_interrupted
+    dtype = resolve_precision(precision, model, device)
+
+    b, h, w, c = image.shape
+    scale = model.scale
+    target = target_scale if target_scale > 0 else float(scale)
+    passes = _passes(scale, target)
+    report = Report(input_size=(h, w), batch_size=b, device=str(device), precision=NAMES[dtype],
+                    passes=passes, channels={1: "grey", 3: "RGB", 4: "RGBA"}[c])
+    unit = grid_unit(model)
+    report.align = unit
+
+    # progress in input pixels of model work, summed over passes and channel jobs
+    def work(hh: int, ww: int, img_c: int) -> int:
+        jobs = plan_channels(img_c, model.input_channels, model.output_channels, alpha_mode)
+        return sum(b * hh * ww for j in jobs if j.kind == "model")
+
+    total, hh, ww, cc = 0, h, w, c
+    for _ in range(passes):
+        total += work(hh, ww, cc)
+        hh, ww = hh * scale, ww * scale
+        cc = len({d for j in plan_channels(cc, model.input_channels, model.output_channels, alpha_mode) for d in j.dst})
+    tracker = _Progress(total, progress)
+
+    original_device = model.device
+    host.make_room(model_bytes(model) + image.numel() * 4 * max(1, scale) ** 2, device)
+    try:
+        model.to(device)
+        current = image
+        for _ in range(passes):
+            current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
+                                check_cancel, tracker)
+    finally:
+        model.to(original_device)
+        if device.type == "cuda":
+            host.empty_cache()
+
+    out_h, out_w = max(1, round(h * target)), max(1, round(w * target))
+    if (out_h, out_w) != tuple(current.shape[1:3]):
+        current = resize(current, out_h, out_w)
+    report.output_size = (out_h, out_w)
+    return current, report
+
+
+def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mode, report: Report,
+              check_cancel, tracker: _Progress) -> Tensor:
+    b, h, w, c = image.shape
+    s = model.scale
+    alpha_value = None
+    if c == 4:
+        a = image[..., 3]
+        if bool((a.max() - a.min()) == 0):
+            alpha_value = float(a.flatten()[0])
+    jobs = plan_channels(c, model.input_channels, model.output_channels, alpha_mode, alpha_value)
+    out_c = len({d for j in jobs for d in j.dst})
+    # stored channel-first (tiles are written plane by plane, contiguously) and returned as the
+    # [B, H, W, C] view ComfyUI's own upscale node returns too
+    out_bchw = torch.zeros(b, out_c, h * s, w * s, dtype=torch.float32)
+    out = out_bchw.permute(0, 2, 3, 1)
+    src_bchw = image.permute(0, 3, 1, 2)
+
+    layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
+    auto = not (tile_size and tile_size > 0)
+    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto)
+    tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
+    batch = auto_batch(budget, bpp, layout, tile, h, w)
+    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
+    for job in jobs:
+        dst = out_bchw[:, _run(job.dst)]
+        if job.kind == "fill":
+            dst.fill_(job.fill)
+        elif job.kind == "resample":
+            alpha = src_bchw[:, _run(job.src)]
+            for i in range(b):
+                up = F.interpolate(alpha[i : i + 1], size=(h * s, w * s), mode="bicubic", align_corners=False)
+                dst[i].copy_(up[0].clamp_(0, 1))
+        else:
+            runner.run(src_bchw[:, _run(job.src)], dst, job.pre, job.post)
+    report.tile = runner.tile
+    report.precision = NAMES.get(runner.dtype, report.precision)
+    return out
+
+
+def _run(idx: tuple[int, ...]) -> slice:
+    """``(1, 2, 3)`` -> ``slice(1, 4)``: channel selections stay views (jobs always use runs)."""
+    if any(b - a != 1 for a, b in zip(idx, idx[1:])):
+        raise AssertionError(f"channel set {idx} is not a run")
+    return slice(idx[0], idx[-1] + 1)
