@@ -1,0 +1,236 @@
+"""Which models the trainer can build, load, re-scale and export.
+
+Presets: the public classes and preset functions of each family module in ``archs`` (those that
+build an image model with a scale hyperparameter), found by name, plus a few of spandrel's
+built-ins (``Compact``, ``ESRGAN``) for comparison. A family module may also list its presets
+explicitly in a ``PRESETS`` dict (name -> callable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import archs
+from archs.errors import UnsupportedModelError
+
+log = logging.getLogger("flexsr")
+
+#: Names under which architectures take their upscale factor.
+SCALE_KEYS = ("scale", "upscale", "upscaling_factor", "factor", "upscale_factor")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str
+    build: Callable[..., nn.Module]
+
+
+def _spandrel_presets() -> dict[str, Preset]:
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    return {"Compact": Preset("Compact", "spandrel", Compact), "ESRGAN": Preset("ESRGAN", "spandrel", ESRGAN)}
+
+
+def _defaults_only(fn: Callable) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty for p in sig.parameters.values()
+    )
+
+
+def _family_presets(module_name: str) -> dict[str, Preset]:
+    module = importlib.import_module(f"archs.{module_name}")
+    explicit = getattr(module, "PRESETS", None)
+    if isinstance(explicit, dict):
+        return {n: Preset(n, module_name, fn) for n, fn in explicit.items()}
+    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    found = {}
+    for n in names:
+        obj = getattr(module, n, None)
+        if not callable(obj) or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj) and not issubclass(obj, nn.Module):
+            continue
+        if not inspect.isclass(obj) and not inspect.isfunction(obj):
+            continue
+        if _defaults_only(obj) and _scale_key_of(obj) is not None:
+            found[n] = Preset(n, module_name, obj)
+    return found
+
+
+def _build_meta(build: Callable[..., nn.Module], **kwargs) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            model = build(**kwargs)
+    except Exception:  # noqa: BLE001 - not buildable with defaults: not a preset
+        return None
+    return model if isinstance(model, nn.Module) else None
+
+
+def _scale_key_of(build: Callable[..., nn.Module]) -> str | None:
+    """The keyword under which ``build`` takes its upscale factor, or None if it has none."""
+    model = _build_meta(build)
+    hp = getattr(model, "hyperparameters", None)
+    if not isinstance(hp, dict):
+        return None
+    return next((k for k in SCALE_KEYS if k in hp), None)
+
+
+def available_presets() -> dict[str, Preset]:
+    """Every preset ``--arch`` accepts, by name (FlexSR's families first, then spandrel's)."""
+    from archs.registry import FAMILY_MODULES
+
+    presets: dict[str, Preset] = {}
+    for module_name in FAMILY_MODULES:
+        try:
+            presets.update(_family_presets(module_name))
+        except ImportError as e:  # pragma: no cover - a broken family must not hide the others
+            log.warning("archs.%s could not be imported: %s", module_name, e)
+    for n, p in _spandrel_presets().items():
+        presets.setdefault(n, p)
+    return presets
+
+
+def find_preset(name: str) -> Preset:
+    presets = available_presets()
+    by_lower = {n.lower(): p for n, p in presets.items()}
+    preset = presets.get(name) or by_lower.get(name.lower())
+    if preset is None:
+        raise UnsupportedModelError(f"Unknown --arch '{name}'. Available: {', '.join(presets)}.")
+    return preset
+
+
+def build_preset(name: str, scale: int, overrides: dict | None = None) -> nn.Module:
+    """Build preset ``name`` at ``scale`` with keyword ``overrides`` (random weights, current RNG)."""
+    preset = find_preset(name)
+    key = _scale_key_of(preset.build)
+    if key is None:
+        raise UnsupportedModelError(f"--arch {preset.name}: cannot tell which argument sets its scale.")
+    kwargs = {**(overrides or {}), key: scale}
+    try:
+        return preset.build(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"--arch {preset.name} does not accept these --arch-args {overrides}: {e}") from e
+
+
+def model_scale(model: nn.Module) -> int | None:
+    hp = getattr(model, "hyperparameters", {}) or {}
+    key = next((k for k in SCALE_KEYS if k in hp), None)
+    return int(hp[key]) if key else None
+
+
+@dataclass
+class LoadedModel:
+    """A model to train and what happened to its weights."""
+
+    model: nn.Module
+    scale: int
+    architecture: str
+    reinitialized: list[str]  # state-dict keys that got fresh weights (the new tail)
+    kept: list[str]  # keys loaded from the pretrained file (the body)
+
+
+def load_pretrained(path: str | Path, scale: int | None = None) -> LoadedModel:
+    """Load any checkpoint ``archs.load_model`` reads; with a different ``scale``, rebuild the model
+    at that scale and keep every weight whose name and shape still fit (the new tail starts fresh)."""
+    desc = archs.load_model(path)
+    model, old = desc.model, int(desc.scale)
+    arch_name = desc.architecture.name
+    keys = list(model.state_dict())
+    if scale is None or scale == old:
+        return LoadedModel(model.train(), old, arch_name, [], keys)
+    hp = getattr(model, "hyperparameters", None)
+    key = next((k for k in SCALE_KEYS if k in (hp or {})), None)
+    if key is None:
+        raise UnsupportedModelError(
+            f"{Path(path).name} is a x{old} {arch_name} model whose class does not record its hyperparameters; "
+            f"it cannot be rebuilt at x{scale}. Fine-tune it at --scale {old}."
+        )
+    fresh = type(model)(**{**hp, key: scale})
+    old_sd, new_sd = model.state_dict(), fresh.state_dict()
+    kept = [k for k, v in new_sd.items() if k in old_sd and old_sd[k].shape == v.shape]
+    reinit = [k for k in new_sd if k not in kept]
+    fresh.load_state_dict({k: old_sd[k] for k in kept}, strict=False)
+    if not reinit:
+        log.info("x%d -> x%d: every weight of %s fits both scales; nothing re-initialized.", old, scale, arch_name)
+    else:
+        log.info("x%d -> x%d: re-initialized %d tensors of the tail (%s).", old, scale, len(reinit), ", ".join(reinit[:6]))
+    return LoadedModel(fresh.train(), scale, arch_name, reinit, kept)
+
+
+def bilinear_kernel(scale: int) -> torch.Tensor:
+    """``[scale, scale, 3, 3]``: for each sub-pixel (i, j), the 3x3 LR taps of bilinear upsampling
+    (align_corners=False), so conv + PixelShuffle with these weights is bilinear interpolation."""
+    k = torch.zeros(scale, scale, 3, 3)
+    for i in range(scale):
+        oy = (i + 0.5) / scale - 0.5
+        wy = torch.tensor([max(0.0, -oy), 1 - abs(oy), max(0.0, oy)])
+        for j in range(scale):
+            ox = (j + 0.5) / scale - 0.5
+            wx = torch.tensor([max(0.0, -ox), 1 - abs(ox), max(0.0, ox)])
+            k[i, j] = wy[:, None] * wx[None, :]
+    return k
+
+
+@torch.no_grad()
+def init_as_bilinear(model: nn.Module, feature_gain: float = 0.1) -> bool:
+    """Start a FlexNet with a pixel-shuffle tail as bilinear upsampling plus a small learned part.
+
+    The short-cut ConvBlock's conv branch is zeroed and its 1x1 branch passes RGB through; the tail
+    conv maps those channels to the bilinear sub-pixel taps, and its weights on the transformer
+    features are scaled by ``feature_gain``. Training then learns a residual over bilinear from step 0
+    instead of first learning to interpolate. Returns False (nothing done) for other models.
+    """
+    to_img, short_cut = getattr(model, "to_img", None), getattr(model, "short_cut", None)
+    hp = getattr(model, "hyperparameters", {}) or {}
+    if not (isinstance(to_img, nn.Sequential) and isinstance(getattr(to_img, "1", None), nn.PixelShuffle)):
+        return False
+    conv, conv11 = to_img[0], getattr(short_cut, "conv11", None)
+    block = getattr(short_cut, "block", None)
+    scale, cin, cout = int(hp.get("scale", 0)), int(hp.get("inp_channels", 3)), int(hp.get("out_channels", 3))
+    dim = conv.in_channels // 2
+    if not isinstance(conv, nn.Conv2d) or conv11 is None or block is None or cin != cout or conv.out_channels != cout * scale**2:
+        return False
+    last = [m for m in block if isinstance(m, nn.Conv2d)][-1]
+    last.weight.zero_()
+    last.bias.zero_()
+    conv11.weight.zero_()
+    conv11.bias.zero_()
+    conv11.weight[:cin, :, 0, 0] = torch.eye(cin)
+    conv.weight.mul_(feature_gain)
+    conv.bias.zero_()
+    k = bilinear_kernel(scale).reshape(scale * scale, 3, 3)
+    for c in range(cout):
+        conv.weight[c * scale * scale : (c + 1) * scale * scale, dim : dim + cin].zero_()
+        conv.weight[c * scale * scale : (c + 1) * scale * scale, dim + c] = k
+    return True
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``state_dict`` as .safetensors atomically and check ``archs.load_model`` reads it back."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    archs.load_model(path)  # raises if the loader node could not read what we wrote
+    return path
