@@ -97,15 +97,13 @@ def test_pixel_loss_is_plain_l1_during_the_warmup_then_edge_weighted_then_mixed(
     hr, sr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     l1, edge = F.l1_loss(sr, hr), edge_weighted_l1(sr, hr)
     assert not torch.isclose(l1, edge)
-    pure = PixelLoss(edge_weight=1.0, warmup_steps=10)
-    assert torch.equal(pure(sr, hr, 9)[0], l1)
-    assert torch.equal(pure(sr, hr, 10)[0], edge)
-    half = PixelLoss(edge_weight=0.25, warmup_steps=0)
-    loss, parts = half(sr, hr, 0)
+    pure = PixelLoss(edge_weight=1.0)
+    assert torch.equal(pure(sr, hr, edge_on=False)[0], l1)
+    assert torch.equal(pure(sr, hr, edge_on=True)[0], edge)
+    loss, parts = PixelLoss(edge_weight=0.25)(sr, hr)
     assert torch.isclose(loss, 0.25 * edge + 0.75 * l1)
     assert set(parts) == {"l1", "edge_l1"}
-    off = PixelLoss(edge_weight=0.0, warmup_steps=0)
-    assert torch.equal(off(sr, hr, 100)[0], l1)
+    assert torch.equal(PixelLoss(edge_weight=0.0)(sr, hr)[0], l1)
 
 
 def test_edge_mask_selects_the_strongest_tenth():

@@ -35,14 +35,14 @@ log = logging.getLogger("flexsr")
 #: The small FlexNet the pack ships (models/FlexSR_default_x2.safetensors) and the no-argument run trains.
 DEFAULT_NAME = "FlexSR_default_x2"
 DEFAULT_ARCH = "FlexNet"
-DEFAULT_ARCH_ARGS = {"dim": 24, "num_blocks": [2, 2], "window_size": 8, "hidden_rate": 2, "upsampler": "ps"}
+DEFAULT_ARCH_ARGS = {"dim": 16, "num_blocks": [2, 2], "window_size": 8, "hidden_rate": 2, "upsampler": "ps"}
 #: What ``python training/finetune.py`` with no arguments runs (a few minutes on 2 CPU cores).
 DEFAULT_ARGS = [
     "--arch", DEFAULT_ARCH, "--arch-args", json.dumps(DEFAULT_ARCH_ARGS, separators=(",", ":")),
-    "--scale", "2", "--name", DEFAULT_NAME, "--seed", "0",
-    "--steps", "1200", "--batch-size", "8", "--patch-size", "64", "--lr", "1e-3", "--lr-warmup", "50",
-    "--ema", "0.995", "--val-every", "400", "--save-every", "200", "--log-every", "100",
-    "--time-limit", "4",
+    "--scale", "2", "--name", DEFAULT_NAME, "--seed", "0", "--threads", "1",
+    "--steps", "1000", "--time-budget", "3", "--batch-size", "8", "--patch-size", "64",
+    "--lr", "2e-3", "--lr-warmup", "30", "--ema", "0.99", "--val-every", "250", "--save-every", "100",
+    "--log-every", "50",
 ]
 
 
@@ -152,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT "
                    "(default: --out's checkpoint.pt; starts fresh if there is none). Same seed and settings give the "
                    "same loss curve as an uninterrupted run")
-    o.add_argument("--time-limit", type=float, default=0.0, metavar="MIN", help="stop (checkpoint, export) after MIN "
-                   "minutes (0 = no limit)")
+    o.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="fit the whole schedule (L1 warm-up, "
+                   "LR decay) into MIN minutes of training: progress is the larger of step/--steps and time/budget, so a "
+                   "slow or busy machine does fewer steps (0 = steps only; exact reproducibility needs the step count "
+                   "to decide)")
+    o.add_argument("--time-limit", type=float, default=0.0, metavar="MIN", help="hard stop (checkpoint, export) after "
+                   "MIN minutes of wall time, wherever the schedule is (0 = no limit)")
     o.add_argument("--log-every", type=int, default=100, metavar="N", help="log a line every N steps")
     o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,

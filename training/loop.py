@@ -44,23 +44,56 @@ METRICS_NAME = "metrics.jsonl"
 # Pieces
 
 
-def lr_lambda(args):
-    """Multiplier of the base LR at a step: linear warm-up, then cosine / multistep / constant."""
-    warm, total = args.lr_warmup, args.steps
-    floor = args.min_lr / args.lr if args.lr > 0 else 0.0
-    milestones = sorted(args.milestones or [])
+class Schedule:
+    """Where a run is, and what follows from it: the LR, when the edge-weighted loss and the GAN
+    start, and when the run ends.
 
-    def f(step: int) -> float:
+    Progress before step ``k`` is ``k / steps``; with ``--time-budget`` it is the larger of that and
+    (training seconds so far) / budget, so a slow machine runs the whole schedule (L1 warm-up, LR
+    decay) in the budget with fewer steps. Step-based runs are exactly reproducible; budgeted runs
+    are whenever the step count, not the clock, decides.
+    """
+
+    def __init__(self, args, l1_warmup: int, gan_start: int):
+        self.args = args
+        self.steps = args.steps
+        self.budget = args.time_budget * 60.0
+        self.l1_warmup, self.gan_start = l1_warmup, gan_start
+        self.train_seconds = 0.0  # rank 0's wall time inside the loop, over all resumed segments
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.budget > 0:
+            p = max(p, self.train_seconds / self.budget)
+        return min(p, 1.0)
+
+    def lr_factor(self, step: int, p: float) -> float:
+        """Multiplier of the base LR: linear warm-up over ``--lr-warmup`` steps, then cosine /
+        multistep / constant over the progress."""
+        a = self.args
+        warm = a.lr_warmup
         if warm > 0 and step < warm:
             return (step + 1) / warm
-        if args.schedule == "cosine":
-            t = min(1.0, (step - warm) / max(1, total - warm))
+        if a.schedule == "cosine":
+            pw = min(warm / self.steps, 0.999)
+            t = min(1.0, max(0.0, (p - pw) / (1 - pw)))
+            floor = a.min_lr / a.lr if a.lr > 0 else 0.0
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-        if args.schedule == "multistep":
-            return args.gamma ** sum(step >= m for m in milestones)
+        if a.schedule == "multistep":
+            return a.gamma ** sum(p >= m / self.steps for m in (a.milestones or []))
         return 1.0
 
-    return f
+    def edge_on(self, p: float) -> bool:
+        return p >= self.l1_warmup / self.steps
+
+    def gan_on(self, p: float) -> bool:
+        return p >= self.gan_start / self.steps
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds, "steps": self.steps, "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_seconds = float(state["train_seconds"])
 
 
 class EMA:
@@ -92,7 +125,7 @@ class Run:
     model: nn.Module
     ema: EMA | None
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: Schedule
     scaler: torch.amp.GradScaler
     sampler: PatchSampler
     pixel_loss: PixelLoss
@@ -377,15 +410,17 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     )
     sampler = PatchSampler(images, args.patch_size, args.batch_size, degradation, args.seed, not args.no_augment)
     l1_warmup = args.steps // 2 if args.l1_warmup is None or args.l1_warmup < 0 else args.l1_warmup
-    pixel_loss = PixelLoss(args.edge_weight, l1_warmup)
+    gan_start = l1_warmup if args.gan_start is None or args.gan_start < 0 else args.gan_start
+    pixel_loss = PixelLoss(args.edge_weight)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    for g in optimizer.param_groups:
+        g["initial_lr"] = args.lr
+    scheduler = Schedule(args, l1_warmup, gan_start)
     dtype = amp_dtype(args, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     run = Run(args, dist, loaded, model, ema, optimizer, scheduler, scaler, sampler, pixel_loss, val_pairs)
-    gan_start = l1_warmup if args.gan_start is None or args.gan_start < 0 else args.gan_start
     if args.gan:
         run.disc = make_discriminator(args.gan, args.patch_size, spectral_norm=args.gan_spectral_norm).to(dist.device)
         run.d_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), weight_decay=0.0)
@@ -431,6 +466,8 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     stopped_early = False
     step = start
     t_loop, seen = time.time(), 0
+    seconds_before = scheduler.train_seconds
+    p = scheduler.progress(start)
     dev = dist.device
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else None
 
@@ -441,26 +478,27 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             log.info("Step %d: body unfrozen.", step)
         lr_img = lr_img.to(dev, non_blocking=True)
         hr_img = hr_img.to(dev, non_blocking=True)
-        gan_on = run.disc is not None and step >= gan_start
+        gan_on = run.disc is not None and scheduler.gan_on(p)
+        lr_now = args.lr * scheduler.lr_factor(step, p)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr_now / args.lr if args.lr > 0 else 0.0
 
         optimizer.zero_grad(set_to_none=True)
         with autocast() if autocast else _null():
             sr = run.wrapped(lr_img)
-        loss, parts = pixel_loss(sr.float(), hr_img, step)
+        loss, parts = pixel_loss(sr.float(), hr_img, scheduler.edge_on(p))
         if gan_on:
             with autocast() if autocast else _null():
                 fake_logits = run.d_wrapped(sr)
             g_adv = generator_adversarial_loss(fake_logits, args.gan_loss)
             loss = loss + args.gan_weight * g_adv
             parts["g_adv"] = g_adv.detach()
-        lr_now = optimizer.param_groups[0]["lr"]
         scaler.scale(loss).backward()
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
             parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).detach().float()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
         if ema is not None:
             ema.update(model, step)
         if gan_on:
@@ -473,14 +511,20 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             run.d_optimizer.step()
             parts["d_loss"] = d_loss.detach()
 
-        # One collective per step: mean of the loss parts over ranks, plus rank 0's stop flag.
+        # One collective per step: the loss parts averaged over ranks, plus rank 0's clock and stop flag
+        # (so every rank follows the same schedule).
         names = ["loss", *sorted(parts)]
-        stop = float(dist.is_main and args.time_limit > 0 and time.time() - t_start > args.time_limit * 60)
-        vec = torch.stack([loss.detach().float().cpu(), *[parts[n].float().cpu() for n in names[1:]], torch.tensor(stop * dist.world_size)])
+        clock = seconds_before + time.time() - t_loop
+        stop = float(args.time_limit > 0 and time.time() - t_start > args.time_limit * 60)
+        own = [stop * dist.world_size, clock * dist.world_size] if dist.is_main else [0.0, 0.0]
+        vec = torch.stack([loss.detach().float().cpu(), *[parts[n].float().cpu() for n in names[1:]]])
+        vec = torch.cat([vec.double(), torch.tensor(own, dtype=torch.float64)])
         vec = D.all_reduce_mean(vec.to(dev) if dev.type == "cuda" else vec, dist).cpu()
+        scheduler.train_seconds = float(vec[-1])
         done = step + 1
+        p = scheduler.progress(done)
         seen += lr_img.shape[0] * dist.world_size
-        record = {"kind": "train", "step": done, **{n: float(v) for n, v in zip(names, vec[:-1].tolist())}, "lr": lr_now}
+        record = {"kind": "train", "step": done, **{n: float(v) for n, v in zip(names, vec[:-2].tolist())}, "lr": lr_now}
         elapsed = time.time() - t_loop
         record["img_per_s"] = seen / max(elapsed, 1e-9)
         record["elapsed_s"] = time.time() - t_start
@@ -490,8 +534,8 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             progress.update(1)
         if dist.is_main and args.log_every > 0 and done % args.log_every == 0:
             log.info("step %d/%d  loss %.5f  lr %.2e  %.1f img/s", done, args.steps, record["loss"], record["lr"], record["img_per_s"])
-        stop_now = vec[-1].item() >= 1.0
-        last = done == args.steps or stop_now
+        stop_now = vec[-2].item() >= 1.0
+        last = done == args.steps or stop_now or p >= 1.0
         if dist.is_main and run.val_pairs and ((args.val_every > 0 and done % args.val_every == 0) or last):
             last_val = validate(run)
             metrics.write({"kind": "val", "step": done, **{k: v for k, v in last_val.items() if k != "n"},
@@ -508,6 +552,10 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
         if stop_now:
             stopped_early = True
             log.warning("Stopped by --time-limit %g min at step %d of %d.", args.time_limit, done, args.steps)
+            break
+        if last:
+            if done < args.steps:
+                log.info("--time-budget %g min used up: schedule completed in %d of %d steps.", args.time_budget, done, args.steps)
             break
     if progress is not None:
         progress.close()

@@ -50,19 +50,15 @@ def edge_mask(img: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
 
 @dataclass
 class PixelLoss:
-    """Plain L1 for the first ``warmup_steps`` steps, then ``w * edge_L1 + (1 - w) * L1``."""
+    """Plain L1 while ``edge_on`` is False (the warm-up), then ``w * edge_L1 + (1 - w) * L1``."""
 
     edge_weight: float = 1.0
-    warmup_steps: int = 0
     eps: float = 1e-8
 
-    def edge_active(self, step: int) -> bool:
-        return self.edge_weight > 0 and step >= self.warmup_steps
-
-    def __call__(self, sr: torch.Tensor, hr: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, sr: torch.Tensor, hr: torch.Tensor, edge_on: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         l1 = F.l1_loss(sr.float(), hr.float())
         parts = {"l1": l1.detach()}
-        if not self.edge_active(step):
+        if not edge_on or self.edge_weight <= 0:
             return l1, parts
         edge = edge_weighted_l1(sr, hr, self.eps)
         parts["edge_l1"] = edge.detach()

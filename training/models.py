@@ -1,9 +1,9 @@
 """Which models the trainer can build, load, re-scale and export.
 
-Presets: the public classes and preset functions of each family module in ``archs`` (those that
-build an image model with a scale hyperparameter), found by name, plus a few of spandrel's
-built-ins (``Compact``, ``ESRGAN``) for comparison. A family module may also list its presets
-explicitly in a ``PRESETS`` dict (name -> callable).
+Presets (``--arch`` names): in each family module of ``archs``, the public model classes (decorated
+with spandrel's ``store_hyperparameters``, with a scale argument: ``scale``, ``upscale``,
+``upscaling_factor`` or ``factor``) and the preset functions (callable without arguments, returning
+such a model), plus spandrel's built-in ``Compact`` and ``ESRGAN`` for comparison.
 """
 
 from __future__ import annotations
@@ -29,68 +29,82 @@ SCALE_KEYS = ("scale", "upscale", "upscaling_factor", "factor", "upscale_factor"
 
 @dataclass(frozen=True)
 class Preset:
+    """A named way to build a model: ``build(**{scale_key: scale, **overrides})``."""
+
     name: str
     family: str
     build: Callable[..., nn.Module]
+    scale_key: str
 
 
 def _spandrel_presets() -> dict[str, Preset]:
     from spandrel.architectures.Compact import Compact
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    return {"Compact": Preset("Compact", "spandrel", Compact), "ESRGAN": Preset("ESRGAN", "spandrel", ESRGAN)}
+    return {
+        "Compact": Preset("Compact", "spandrel", Compact, "upscale"),
+        "ESRGAN": Preset("ESRGAN", "spandrel", ESRGAN, "scale"),
+    }
 
 
-def _defaults_only(fn: Callable) -> bool:
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter]:
     try:
-        sig = inspect.signature(fn)
+        return dict(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        return False
-    return all(
-        p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty for p in sig.parameters.values()
-    )
+        return {}
+
+
+def _class_scale_key(cls: type) -> str | None:
+    """Scale keyword of a model class decorated with spandrel's ``store_hyperparameters``."""
+    wrapped = getattr(cls.__init__, "__wrapped__", None)
+    if wrapped is None:
+        return None
+    params = _parameters(wrapped)
+    return next((k for k in SCALE_KEYS if k in params), None)
+
+
+def _function_scale_key(fn: Callable) -> str | None:
+    """Scale keyword of a preset function (callable with no arguments, returns a model that records
+    its hyperparameters), or None if ``fn`` is not one."""
+    params = _parameters(fn)
+    if not params and not callable(fn):
+        return None
+    if any(p.default is p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values()):
+        return None
+    own = next((k for k in SCALE_KEYS if k in params), None)
+    try:
+        with torch.device("meta"):
+            model = fn()
+    except Exception:  # noqa: BLE001 - not buildable without arguments: not a preset
+        return None
+    hp = getattr(model, "hyperparameters", None) if isinstance(model, nn.Module) else None
+    if not isinstance(hp, dict):
+        return None
+    return own or next((k for k in SCALE_KEYS if k in hp), None)
 
 
 def _family_presets(module_name: str) -> dict[str, Preset]:
     module = importlib.import_module(f"archs.{module_name}")
-    explicit = getattr(module, "PRESETS", None)
-    if isinstance(explicit, dict):
-        return {n: Preset(n, module_name, fn) for n, fn in explicit.items()}
     names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
     found = {}
     for n in names:
         obj = getattr(module, n, None)
-        if not callable(obj) or getattr(obj, "__module__", None) != module.__name__:
+        if getattr(obj, "__module__", None) != module.__name__:
             continue
-        if inspect.isclass(obj) and not issubclass(obj, nn.Module):
+        if inspect.isclass(obj):
+            key = _class_scale_key(obj) if issubclass(obj, nn.Module) else None
+        elif inspect.isfunction(obj):
+            key = _function_scale_key(obj)
+        else:
             continue
-        if not inspect.isclass(obj) and not inspect.isfunction(obj):
-            continue
-        if _defaults_only(obj) and _scale_key_of(obj) is not None:
-            found[n] = Preset(n, module_name, obj)
+        if key is not None:
+            found[n] = Preset(n, module_name, obj, key)
     return found
 
 
-def _build_meta(build: Callable[..., nn.Module], **kwargs) -> nn.Module | None:
-    try:
-        with torch.device("meta"):
-            model = build(**kwargs)
-    except Exception:  # noqa: BLE001 - not buildable with defaults: not a preset
-        return None
-    return model if isinstance(model, nn.Module) else None
-
-
-def _scale_key_of(build: Callable[..., nn.Module]) -> str | None:
-    """The keyword under which ``build`` takes its upscale factor, or None if it has none."""
-    model = _build_meta(build)
-    hp = getattr(model, "hyperparameters", None)
-    if not isinstance(hp, dict):
-        return None
-    return next((k for k in SCALE_KEYS if k in hp), None)
-
-
 def available_presets() -> dict[str, Preset]:
-    """Every preset ``--arch`` accepts, by name (FlexSR's families first, then spandrel's)."""
+    """Every model ``--arch`` accepts, by name: each family's model classes and preset functions
+    (FlexSR's families first), then spandrel's ``Compact`` and ``ESRGAN``."""
     from archs.registry import FAMILY_MODULES
 
     presets: dict[str, Preset] = {}
@@ -116,14 +130,11 @@ def find_preset(name: str) -> Preset:
 def build_preset(name: str, scale: int, overrides: dict | None = None) -> nn.Module:
     """Build preset ``name`` at ``scale`` with keyword ``overrides`` (random weights, current RNG)."""
     preset = find_preset(name)
-    key = _scale_key_of(preset.build)
-    if key is None:
-        raise UnsupportedModelError(f"--arch {preset.name}: cannot tell which argument sets its scale.")
-    kwargs = {**(overrides or {}), key: scale}
+    kwargs = {**(overrides or {}), preset.scale_key: scale}
     try:
         return preset.build(**kwargs)
     except TypeError as e:
-        raise ValueError(f"--arch {preset.name} does not accept these --arch-args {overrides}: {e}") from e
+        raise ValueError(f"--arch {preset.name} cannot be built with --arch-args {overrides or {}}: {e}") from e
 
 
 def model_scale(model: nn.Module) -> int | None:
