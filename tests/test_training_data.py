@@ -245,3 +245,4 @@ def test_validation_pairs_are_mod_cropped_and_bicubic_downscaled():
     assert torch.allclose(lr, downscale(hr.unsqueeze(0), 4, "bicubic")[0])
     [(_, lr_c, hr_c)] = val_pairs_from_arrays([("x", arr)], 2, crop=16)
     assert hr_c.shape == (3, 16, 16) and lr_c.shape == (3, 8, 8)
+    assert val_pairs_from_arrays([("tiny", arr[:12])], 2) == []  # SSIM's window would not fit

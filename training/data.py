@@ -25,6 +25,8 @@ log = logging.getLogger("flexsr")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SMALL_IMAGE_POLICIES = ("pad", "skip")
+#: SSIM's 11x11 window must fit after the ``scale``-pixel border is cropped on each side.
+MIN_VAL_SIDE = 11
 
 
 class DatasetError(BadImageError):
@@ -265,8 +267,9 @@ def val_pairs_from_arrays(images: Sequence[tuple[str, np.ndarray]], scale: int, 
             top, left = (h - ch) // 2, (w - cw) // 2
             hr = hr[:, top : top + ch, left : left + cw]
         h, w = (hr.shape[-2] // scale) * scale, (hr.shape[-1] // scale) * scale
-        if h == 0 or w == 0:
-            log.warning("Validation image '%s' is smaller than the scale; skipped.", name)
+        if min(h, w) < MIN_VAL_SIDE + 2 * scale:
+            log.warning("Validation image '%s' (%dx%d) is too small to score at x%d (needs %d px a side); skipped.",
+                        name, hr.shape[-1], hr.shape[-2], scale, MIN_VAL_SIDE + 2 * scale)
             continue
         hr = hr[:, :h, :w].contiguous()
         lr = downscale(hr.unsqueeze(0), scale, "bicubic")[0]

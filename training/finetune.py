@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss (and the GAN) start (default: half of --steps)")
     lo.add_argument("--gan", choices=GAN_KINDS, default=None, help="add an adversarial loss with this discriminator "
                     "(vit/cait/crossformer/crossvit from archs; patch = conv PatchGAN)")
-    lo.add_argument("--gan-loss", choices=GAN_LOSSES, default="hinge")
+    lo.add_argument("--gan-args", type=_json_dict, default=None, metavar="JSON", help="keyword overrides for the "
+                    "discriminator, e.g. '{\"dim\": 128, \"depth\": 4}'")
+    lo.add_argument("--gan-loss", choices=GAN_LOSSES, default="hinge", help="hinge or non-saturating (softplus) loss")
     lo.add_argument("--gan-weight", type=float, default=0.005, help="weight of the generator's adversarial loss")
     lo.add_argument("--gan-lr", type=float, default=1e-4, help="discriminator learning rate (its own AdamW)")
     lo.add_argument("--gan-start", type=int, default=None, metavar="N", help="first GAN step (default: end of --l1-warmup)")

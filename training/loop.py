@@ -422,7 +422,8 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     ema = EMA(model, args.ema) if args.ema > 0 else None
     run = Run(args, dist, loaded, model, ema, optimizer, scheduler, scaler, sampler, pixel_loss, val_pairs)
     if args.gan:
-        run.disc = make_discriminator(args.gan, args.patch_size, spectral_norm=args.gan_spectral_norm).to(dist.device)
+        run.disc = make_discriminator(args.gan, args.patch_size, spectral_norm=args.gan_spectral_norm,
+                                      **(args.gan_args or {})).to(dist.device)
         run.d_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), weight_decay=0.0)
         log.info("GAN: %s discriminator (%s parameters), %s loss, weight %g, from step %d.",
                  args.gan, f"{parameter_count(run.disc):,}", args.gan_loss, args.gan_weight, gan_start)
