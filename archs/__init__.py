@@ -23,8 +23,25 @@ from .registry import (
     load_model,
     read_state_dict,
 )
+from .flexnet import FlexNet, FlexNetArch, MetaFlexNet  # after .registry (it builds REGISTRY from the families)
+from .transformer_sr import SR, TransformerSR, load_transformer_sr
+from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch
+
+# Family modules after the registry (which imports them while it builds REGISTRY).
+from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
+
+# ViT family (classifiers / GAN discriminators, not upscalers: not in the spandrel registry)
+from .cait import CaiT
+from .cross_vit import CrossViT
+from .crossformer import CrossFormer
+from .discriminator import ViTFamilyDiscriminator, make_discriminator
+from .vit import ViT
 
 __all__ = [
+    "LMLT",
+    "LMLT_tiny",
+    "LMLT_base",
+    "LMLT_large",
     "BadImageError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
@@ -32,9 +49,16 @@ __all__ = [
     "IncompatibleWeightsError",
     "UnsafeCheckpointError",
     "UnsupportedModelError",
+    "EIMN",
+    "EIMN_A",
+    "EIMN_L",
+    "EIMNArch",
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "FlexNet",
+    "FlexNetArch",
+    "MetaFlexNet",
     "REGISTRY",
     "FlexSRArchitecture",
     "canonical_state_dict",
@@ -43,4 +67,13 @@ __all__ = [
     "install",
     "load_model",
     "read_state_dict",
+    "SR",
+    "TransformerSR",
+    "load_transformer_sr",
+    "ViT",
+    "CaiT",
+    "CrossFormer",
+    "CrossViT",
+    "ViTFamilyDiscriminator",
+    "make_discriminator",
 ]

@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ()
+FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "transformer_sr", "eimn")
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
@@ -45,7 +45,17 @@ class FlexSRArchitecture(Architecture):
     Subclasses implement ``load`` and ``signature_model()`` (any small instance, built on the meta
     device, whose state-dict keys show the family's layout); the latter lets an unknown checkpoint's
     error message name the closest families.
+
+    ``load_options`` names the keyword options ``load`` takes for what the weights cannot show (a
+    window size, say); ``archs.load_model(path, **options)`` passes them, and fills them first from
+    ``hints_from_filename(file name)`` where the architecture reads hints from names.
     """
+
+    load_options: tuple[str, ...] = ()
+
+    def hints_from_filename(self, name: str) -> dict:
+        """Values for some of ``load_options`` read from a checkpoint's file name; none by default."""
+        return {}
 
     def signature_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -162,10 +172,12 @@ def canonical_state_dict(raw: object, source: str = "state dict") -> StateDict:
 # Loading models
 
 
-def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ImageModelDescriptor:
+def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], **options) -> ImageModelDescriptor:
     """Load a checkpoint (path or state dict) of any FlexSR or spandrel architecture.
 
-    Returns a spandrel ``ImageModelDescriptor`` in eval mode on the CPU. Raises one of
+    ``options`` go to the detected architecture's ``load`` (only those in its ``load_options``; others
+    raise ``TypeError``); for a file, hints the architecture reads from the file name come first and
+    ``options`` override them. Returns a spandrel ``ImageModelDescriptor`` in eval mode on the CPU. Raises one of
     :mod:`archs.errors`' types for every kind of bad input; never writes anything.
     """
     if isinstance(source, Mapping):
@@ -178,14 +190,24 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ImageM
     arch = next((a for a in registry.architectures("detection") if _detects(a, state_dict)), None)
     if arch is None:
         raise UnsupportedModelError(_unknown_message(name, state_dict))
+    spec = arch.architecture
+    accepted = getattr(spec, "load_options", ())
+    if set(options) - set(accepted):
+        raise TypeError(
+            f"load_model: {spec.name} takes no option(s) {sorted(set(options) - set(accepted))}"
+            f" (it takes: {', '.join(accepted) or 'none'})."
+        )
+    if not isinstance(source, Mapping) and isinstance(spec, FlexSRArchitecture):
+        hints = {k: v for k, v in spec.hints_from_filename(name).items() if k in accepted}
+        options = {**hints, **options}
     try:
-        descriptor = arch.architecture.load(dict(state_dict))
+        descriptor = spec.load(dict(state_dict), **options)
     except IncompatibleWeightsError:
         raise
     except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AssertionError) as e:
         raise IncompatibleWeightsError(
             f"{name} looks like a {arch.architecture.name} checkpoint, but its weights do not fit that "
-            f"architecture ({type(e).__name__}: {str(e).strip().splitlines()[0][:400]}). The file may be "
+            f"architecture ({type(e).__name__}: {_short(e)}). The file may be "
             f"damaged or from an incompatible variant."
         ) from e
     if not isinstance(descriptor, ImageModelDescriptor):
@@ -193,6 +215,11 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> ImageM
             f"{name} is a {arch.architecture.name} model ({descriptor.purpose}), not an image-to-image model."
         )
     return descriptor.eval()
+
+
+def _short(e: Exception, limit: int = 1200) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _detects(arch: ArchSupport, state_dict: StateDict) -> bool:

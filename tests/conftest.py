@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights"
 SET5 = SHARED / "data" / "Set5"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -41,11 +41,13 @@ def assert_round_trip(
     sources = {"state dict": dict(sd)}
     if check_safetensors:
         sources["safetensors"] = safetensors.torch.load(safetensors.torch.save(_contiguous(sd)))
-    x = torch.rand(1, model.hyperparameters.get("in_chans", model.hyperparameters.get("inp_channels", 3)), *input_size)
-    with torch.no_grad():
-        want = model(x)
+    want = None
     for how, state in sources.items():
         desc = archs.load_model(state)
+        if want is None:
+            x = torch.rand(1, desc.input_channels, *input_size)
+            with torch.no_grad():
+                want = model(x)
         assert_same_hyperparameters(model, desc.model, ignore)
         with torch.no_grad():
             got = desc.model(x)

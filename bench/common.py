@@ -1,0 +1,135 @@
+"""Helpers shared by FlexSR's benchmark scripts: parameter and MAC counts, CPU latency, a table printer.
+
+Benchmarks print figures; nothing here asserts anything about speed.
+
+* MACs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts FLOPs of matmuls,
+  convolutions and attention (``scaled_dot_product_attention``) as 2 per multiply-accumulate; we report
+  ``MACs = FLOPs / 2``. Element-wise ops, norms, activations, softmax, padding and resampling
+  (``grid_sample``, ``interpolate``) are not counted, as in the usual SR papers' MAC figures.
+  Counting runs on the ``meta`` device by default (shapes only, no arithmetic), so a 256x256 count of
+  a large model takes a second.
+* Latency is the median wall time (and the median process CPU time) of ``repeats`` forward passes
+  after ``warmup`` passes, under ``torch.inference_mode()``, on whatever CPU threads torch is set to use.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``); buffers are not counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: torch.nn.Module, input_shape: Sequence[int], on_meta: bool = True) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on an input of ``input_shape`` ([B, C, H, W]).
+
+    ``FlopCounterMode``'s FLOPs / 2. With ``on_meta`` the count runs on a meta-device copy of the model
+    (fast, no memory for activations); if the model cannot run on meta tensors, it falls back to a real
+    CPU run on zeros.
+    """
+    if on_meta:
+        try:
+            with torch.device("meta"):
+                x = torch.empty(*input_shape)
+            return _count(copy.deepcopy(model).to("meta"), x)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return _count(model, torch.zeros(*input_shape))
+
+
+def _count(model: torch.nn.Module, x: torch.Tensor) -> int:
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def cpu_latency(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Seconds per forward pass over ``repeats`` timed runs after ``warmup``.
+
+    Returns ``{"median", "min", "max"}`` of wall time and ``"cpu_median"``, the median of this process's
+    CPU time (``time.process_time``). On a machine shared with other jobs the wall time includes waiting
+    for a core; with one torch thread the CPU time does not, so it is the steadier figure there (with
+    several threads it adds up all of them).
+    """
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    wall, cpu = [], []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(max(1, repeats)):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model(x)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return {"median": statistics.median(wall), "min": min(wall), "max": max(wall), "cpu_median": statistics.median(cpu)}
+
+
+def human(n: float, unit: str = "") -> str:
+    """``3045136 -> '3.05 M'``, ``1.4e11 -> '143.5 G'``."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.{1 if factor >= 1e9 else 2}f} {prefix}{unit}"
+    return f"{n:g} {unit}".strip()
+
+
+def print_table(rows: Iterable[Sequence[object]], headers: Sequence[str]) -> str:
+    """Print (and return) a plain-text table; numbers right-aligned, everything else left-aligned."""
+    body = [[_cell(c) for c in row] for row in rows]
+    numeric = [bool(body) and all(_is_number(r[i]) for r in body) for i in range(len(headers))]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str], align: Sequence[bool]) -> str:
+        return "  ".join(c.rjust(w) if a else c.ljust(w) for c, w, a in zip(cells, widths, align)).rstrip()
+
+    out = [line(headers, [False] * len(headers)), "  ".join("-" * w for w in widths)]
+    out += [line(r, numeric) for r in body]
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _is_number(text: str) -> bool:
+    if text in ("-", ""):  # a placeholder does not make a numeric column textual
+        return True
+    try:
+        float(text.replace(",", "").replace("x", "").split()[0])
+        return True
+    except (ValueError, IndexError):
+        return False
+
+
+def machine_note() -> str:
+    """One line on where the figures were taken (CPU threads, load, versions)."""
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"{platform.processor() or platform.machine()}; {os.cpu_count()} CPU cores visible, torch threads "
+        f"{torch.get_num_threads()}; load average {load}; torch {torch.__version__}, python {platform.python_version()}"
+    )
+
+
+__all__ = ["count_params", "count_macs", "cpu_latency", "human", "print_table", "machine_note"]
