@@ -31,7 +31,7 @@ from .degradations import Degradation
 from .discriminators import make_discriminator
 from .losses import PixelLoss, discriminator_loss, generator_adversarial_loss
 from .metrics import bicubic_upscale, evaluate_pairs
-from .models import LoadedModel, build_preset, export_safetensors, init_as_bilinear, load_pretrained, parameter_count
+from .models import LoadedModel, build_preset, export_name, export_safetensors, init_as_bilinear, load_pretrained, parameter_count
 from .synthetic import make_images
 
 log = logging.getLogger("flexsr")
@@ -593,10 +593,11 @@ def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict,
         "seed": args.seed,
         "command": " ".join(getattr(args, "command", []) or []),
     }
-    model_path = export_safetensors(final.state_dict(), out / f"{args.name}.safetensors", meta)
+    name = export_name(final, args.name)
+    model_path = export_safetensors(final, out / f"{name}.safetensors", meta)
     png = None
     if run.val_pairs:
-        png = side_by_side(final, run.val_pairs, run.loaded.scale, "cpu", out / f"{args.name}_samples.png")
+        png = side_by_side(final, run.val_pairs, run.loaded.scale, "cpu", out / f"{name}_samples.png")
     summary = {
         "model": str(model_path),
         "samples_png": str(png) if png else None,

@@ -234,14 +234,55 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``state_dict`` as .safetensors atomically and check ``archs.load_model`` reads it back."""
+#: File-name tokens for load options that some architectures cannot read from the weights
+#: (the DaViT-style transformer's window size and heads: ``..._w4_h16.safetensors``).
+HINT_TOKENS = {"window_size": "w", "num_heads": "h"}
+
+
+def _detected_spec(state_dict: dict):
+    for support in archs.combined_registry().architectures("detection"):
+        try:
+            if support.detect(state_dict):
+                return support.architecture
+        except Exception:  # noqa: BLE001
+            continue
+    return None
+
+
+def export_name(model: nn.Module, name: str) -> str:
+    """``name``, plus the file-name hints (``_w4_h2``) the loader needs for hyperparameters that leave
+    no trace in the weights, when the model's architecture reads such hints."""
+    spec = _detected_spec(model.state_dict())
+    hp = getattr(model, "hyperparameters", {}) or {}
+    accepted = getattr(spec, "load_options", ()) or ()
+    wanted = {k: hp[k] for k in accepted if k in HINT_TOKENS and k in hp}
+    if not wanted or not hasattr(spec, "hints_from_filename"):
+        return name
+    if spec.hints_from_filename(name + ".safetensors") == wanted:
+        return name
+    candidate = name + "".join(f"_{HINT_TOKENS[k]}{v}" for k, v in wanted.items())
+    return candidate if spec.hints_from_filename(candidate + ".safetensors") == wanted else name
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s weights as .safetensors atomically, then read the file back through
+    ``archs.load_model`` (what the loader node does) and check it rebuilds the same model."""
     from safetensors.torch import save_file
 
     from .checkpoint import atomic_write
 
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
-    archs.load_model(path)  # raises if the loader node could not read what we wrote
+    desc = archs.load_model(path)  # raises if the loader could not read what we wrote
+    want = {k: _plain(v) for k, v in (getattr(model, "hyperparameters", {}) or {}).items()}
+    got = {k: _plain(v) for k, v in (getattr(desc.model, "hyperparameters", {}) or {}).items()}
+    if want and got and type(desc.model) is type(model) and want != got:
+        diff = {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}
+        log.warning("%s loads as a %s with other settings than trained (trained, loaded): %s", path.name,
+                    type(desc.model).__name__, diff)
     return path
