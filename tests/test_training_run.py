@@ -227,9 +227,12 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve(tmp_path):
 
 
 def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
-    arch = "Compact"
+    # A pretrained x2 model re-scaled to x4 with a frozen body and a patch GAN: every moving part under DDP.
+    x2 = run_inline(tiny_args("Compact", tmp_path / "x2"))["model"]
     out = tmp_path / "ddp"
-    argv = [*tiny_args(arch, out), "--steps", "3", "--device", "cpu", "--ema", "0"]
+    argv = [*TINY_RUN, "--pretrained", x2, "--scale", "4", "--freeze-body-steps", "2", "--gan", "patch",
+            "--l1-warmup", "1", "--synthetic-val-size", "24", "--steps", "3", "--device", "cpu", "--ema", "0",
+            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "training/finetune.py", *argv],
@@ -240,20 +243,22 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 3
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2, 3]  # one writer
-    assert len(load_checkpoint(out / "checkpoint.pt")["rng"]) == 2  # every rank's RNG state saved
-    assert archs.load_model(summary["model"]).scale == 2
+    assert "d_loss" not in records[0] and all(np.isfinite(r["d_loss"]) for r in records[1:])
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert len(state["rng"]) == 2  # every rank's RNG state saved
+    assert archs.load_model(summary["model"]).scale == 4
 
     # Step 1's logged loss is the mean of the two ranks' losses on their own (seed, step, rank) batches.
-    from training.loop import _seed_all, make_data, make_model
     from training.data import PatchSampler
     from training.degradations import Degradation
     from training.losses import PixelLoss
+    from training.loop import _seed_all, make_data, make_model
 
     args = finetune.parse_args(argv)
     _seed_all(args.seed)
     model = make_model(args).model
-    images, _ = make_data(args, 2, is_main=False)
-    sampler = PatchSampler(images, args.patch_size, args.batch_size, Degradation(scale=2), args.seed)
+    images, _ = make_data(args, 4, is_main=False)
+    sampler = PatchSampler(images, args.patch_size, args.batch_size, Degradation(scale=4), args.seed)
     with torch.no_grad():
         losses = [PixelLoss(args.edge_weight)(model(lr), hr, edge_on=False)[0] for lr, hr in (sampler.batch(0, r) for r in (0, 1))]
     assert not torch.isclose(losses[0], losses[1])

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "For several processes or machines run it under torchrun (DDP; NCCL on GPUs, gloo on CPU; only rank 0 "
             "writes files)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog=_epilog(),
     )
     m = ap.add_argument_group("model")
@@ -86,23 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "image (0 = whole images)")
     d.add_argument("--val-max-images", type=int, default=0, metavar="N", help="use the first N validation images (0 = all)")
     d.add_argument("--patch-size", type=int, default=128, metavar="PX", help="HR patch side (a multiple of the scale)")
-    d.add_argument("--batch-size", type=int, default=16, help="patches per step and process")
+    d.add_argument("--batch-size", type=int, default=16, metavar="N", help="patches per step and process (under "
+                   "torchrun each of the processes draws N patches of its own)")
     d.add_argument("--downscale", nargs="+", choices=DOWNSCALE_MODES, default=list(DOWNSCALE_MODES),
                    help="LR downscale modes; one is drawn per batch (bicubic is antialiased)")
     d.add_argument("--blur", type=float, default=0.0, metavar="SIGMA", help="max Gaussian blur sigma of HR before "
                    "downscaling (0 = off)")
-    d.add_argument("--blur-prob", type=float, default=0.5, help="chance an image gets blurred")
+    d.add_argument("--blur-prob", type=float, default=0.5, metavar="P", help="chance an image gets blurred")
     d.add_argument("--noise", type=float, default=0.0, metavar="LEVEL", help="max Gaussian noise std on LR, in 8-bit "
                    "levels (0 = off)")
-    d.add_argument("--noise-prob", type=float, default=0.5, help="chance an image gets noise")
+    d.add_argument("--noise-prob", type=float, default=0.5, metavar="P", help="chance an image gets noise")
     d.add_argument("--jpeg", type=int, default=0, metavar="Q", help="lowest JPEG quality of LR artefacts, drawn in "
                    "[Q, 95] (0 = off; pillow's encoder)")
-    d.add_argument("--jpeg-prob", type=float, default=0.5, help="chance an image gets JPEG-compressed")
+    d.add_argument("--jpeg-prob", type=float, default=0.5, metavar="P", help="chance an image gets JPEG-compressed")
     d.add_argument("--small-images", choices=("pad", "skip"), default="pad",
                    help="images smaller than the patch: mirror-pad them or skip them")
     d.add_argument("--no-augment", action="store_true", help="no random flips / 90-degree rotations")
-    d.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: 4 on CUDA, 0 on CPU)")
-    d.add_argument("--cache-mb", type=int, default=1024, help="decoded-image cache per process, in MiB")
+    d.add_argument("--workers", type=int, default=None, metavar="N", help="DataLoader worker processes (default: 4 on CUDA, 0 on CPU)")
+    d.add_argument("--cache-mb", type=int, default=1024, metavar="MIB", help="decoded-image cache per process, in MiB")
     d.add_argument("--synthetic-count", type=int, default=64, metavar="N", help="generated training images (no --data)")
     d.add_argument("--synthetic-size", type=int, default=160, metavar="PX", help="side of generated training images")
     d.add_argument("--synthetic-val-count", type=int, default=8, metavar="N", help="generated held-out images (no --data)")
@@ -118,20 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--gan-args", type=_json_dict, default=None, metavar="JSON", help="keyword overrides for the "
                     "discriminator, e.g. '{\"dim\": 128, \"depth\": 4}'")
     lo.add_argument("--gan-loss", choices=GAN_LOSSES, default="hinge", help="hinge or non-saturating (softplus) loss")
-    lo.add_argument("--gan-weight", type=float, default=0.005, help="weight of the generator's adversarial loss")
-    lo.add_argument("--gan-lr", type=float, default=1e-4, help="discriminator learning rate (its own AdamW)")
+    lo.add_argument("--gan-weight", type=float, default=0.005, metavar="W", help="weight of the generator's adversarial loss")
+    lo.add_argument("--gan-lr", type=float, default=1e-4, metavar="LR", help="discriminator learning rate (its own AdamW)")
     lo.add_argument("--gan-start", type=int, default=None, metavar="N", help="first GAN step (default: end of --l1-warmup)")
     lo.add_argument("--gan-spectral-norm", action="store_true", help="spectral normalisation in ViT-family discriminators "
                     "(the patch discriminator always has it)")
 
     t = ap.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=10000, help="optimizer steps")
+    t.add_argument("--steps", type=int, default=10000, metavar="N", help="optimizer steps")
     t.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
-    t.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), metavar=("B1", "B2"))
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), metavar=("B1", "B2"), help="AdamW betas")
+    t.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="AdamW weight decay")
     t.add_argument("--lr-warmup", type=int, default=100, metavar="N", help="linear LR warm-up steps")
     t.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine", help="LR after the warm-up")
-    t.add_argument("--min-lr", type=float, default=1e-6, help="cosine floor")
+    t.add_argument("--min-lr", type=float, default=1e-6, metavar="LR", help="cosine floor")
     t.add_argument("--milestones", type=int, nargs="*", default=None, metavar="STEP", help="multistep: steps where the LR "
                    "is multiplied by --gamma (default: 50%%, 75%%, 90%% of --steps)")
     t.add_argument("--gamma", type=float, default=0.5, help="multistep factor")
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="mixed precision: auto = bf16 (fp16 where bf16 is unsupported) on CUDA, none on CPU")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU)")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the weights and the data: batch k is a pure function of "
+    t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0 = torch's default)")
+    t.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the weights and the data: batch k is a pure function of "
                    "(seed, k, rank)")
 
     o = ap.add_argument_group("output")
@@ -167,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where they say something; the epilog keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def _json_dict(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -178,6 +189,8 @@ def _json_dict(text: str) -> dict:
 
 
 def _epilog() -> str:
+    import textwrap
+
     try:
         from training.models import available_presets
 
@@ -185,17 +198,20 @@ def _epilog() -> str:
     except Exception as e:  # noqa: BLE001 - --help must work even with a broken family
         presets = f"(could not list: {e})"
     default = " ".join(shlex.quote(a) for a in DEFAULT_ARGS)
-    return (
-        f"presets for --arch: {presets}\n\n"
-        f"no arguments = python training/finetune.py {default}\n\n"
-        "examples:\n"
-        "  python training/finetune.py --arch FlexNet --scale 4 --data imgs/ --val val/ --steps 50000\n"
-        "  python training/finetune.py --pretrained 4x_model.pth --scale 2 --freeze-body-steps 1000 --data imgs/\n"
-        "  python training/finetune.py --out runs/a --resume          # continue a killed run\n"
-        "  torchrun --nproc_per_node 4 training/finetune.py --arch FlexNet --data imgs/ --batch-size 8\n"
-        "  torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 "
-        "training/finetune.py ..."
-    )
+    wrap = lambda text: textwrap.fill(text, 100, subsequent_indent="  ")  # noqa: E731
+    return "\n".join([
+        wrap(f"presets for --arch: {presets}"),
+        "",
+        wrap(f"no arguments = python training/finetune.py {default}"),
+        "",
+        "examples:",
+        "  python training/finetune.py --arch FlexNet --scale 4 --data imgs/ --val val/ --steps 50000",
+        "  python training/finetune.py --pretrained 4x_model.pth --scale 2 --freeze-body-steps 1000 --data imgs/",
+        "  python training/finetune.py --out runs/a --resume            # continue a killed run",
+        "  torchrun --nproc_per_node 4 training/finetune.py --arch FlexNet --data imgs/ --batch-size 8",
+        "  torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 \\",
+        "      training/finetune.py --arch FlexNet --data imgs/            # (node_rank 1 on the other machine)",
+    ])
 
 
 class _TqdmHandler(logging.Handler):

@@ -187,17 +187,6 @@ def make_data(args, scale: int, is_main: bool) -> tuple[ImageSet, list]:
     return images, val_pairs
 
 
-def set_body_frozen(run: Run, frozen: bool) -> bool:
-    """Freeze/unfreeze the weights kept from the pretrained model; returns True if anything changed."""
-    names = set(run.loaded.kept)
-    changed = False
-    for n, p in run.model.named_parameters():
-        if n in names and p.requires_grad == frozen:
-            p.requires_grad_(not frozen)
-            changed = True
-    return changed
-
-
 def wrap_ddp(run: Run) -> None:
     if not run.dist.enabled:
         run.wrapped, run.d_wrapped = run.model, run.disc
@@ -445,10 +434,13 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     elif dist.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run starts a fresh log
 
-    frozen = args.freeze_body_steps > 0 and bool(loaded.kept) and bool(loaded.reinitialized)
-    if frozen and start < args.freeze_body_steps:
-        set_body_frozen(run, True)
-        log.info("Body (%d tensors from %s) frozen for the first %d steps.", len(loaded.kept), args.pretrained, args.freeze_body_steps)
+    # Freezing the body: its gradients are dropped before the optimizer step, so AdamW leaves those weights
+    # (and their moments) untouched; the same under DDP, whose wrapper needs no rebuilding when they thaw.
+    body_names = set(loaded.kept)
+    frozen_params = [p for n, p in model.named_parameters() if n in body_names] if loaded.reinitialized else []
+    freeze_until = args.freeze_body_steps if frozen_params else 0
+    if start < freeze_until:
+        log.info("Body (%d tensors from %s) frozen for the first %d steps.", len(frozen_params), args.pretrained, freeze_until)
     wrap_ddp(run)
 
     loader = torch.utils.data.DataLoader(
@@ -473,9 +465,7 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else None
 
     for step, (lr_img, hr_img) in enumerate(loader, start=start):
-        if frozen and step == args.freeze_body_steps:
-            set_body_frozen(run, False)
-            wrap_ddp(run)
+        if freeze_until and step == freeze_until:
             log.info("Step %d: body unfrozen.", step)
         lr_img = lr_img.to(dev, non_blocking=True)
         hr_img = hr_img.to(dev, non_blocking=True)
@@ -495,6 +485,9 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             loss = loss + args.gan_weight * g_adv
             parts["g_adv"] = g_adv.detach()
         scaler.scale(loss).backward()
+        if step < freeze_until:
+            for p_ in frozen_params:
+                p_.grad = None
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
             parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).detach().float()
