@@ -263,3 +263,25 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
         losses = [PixelLoss(args.edge_weight)(model(lr), hr, edge_on=False)[0] for lr, hr in (sampler.batch(0, r) for r in (0, 1))]
     assert not torch.isclose(losses[0], losses[1])
     assert records[0]["loss"] == pytest.approx(float((losses[0] + losses[1]) / 2), rel=1e-5)
+
+
+def test_metrics_also_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (not a dependency of the pack)
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    out = tmp_path / "tb"
+    run_inline([a for a in tiny_args("Compact", out) if a != "--no-tensorboard"])
+    assert calls[0] == ("init", str(out / "tensorboard")) and calls[-1] == ("close",)
+    assert ("train/loss", 1) in calls and ("train/loss", 2) in calls and ("val/psnr", 2) in calls

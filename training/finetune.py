@@ -40,8 +40,8 @@ DEFAULT_ARCH_ARGS = {"dim": 16, "num_blocks": [2, 2], "window_size": 8, "hidden_
 DEFAULT_ARGS = [
     "--arch", DEFAULT_ARCH, "--arch-args", json.dumps(DEFAULT_ARCH_ARGS, separators=(",", ":")),
     "--scale", "2", "--name", DEFAULT_NAME, "--seed", "0", "--threads", "1",
-    "--steps", "1000", "--time-budget", "3", "--batch-size", "8", "--patch-size", "64",
-    "--lr", "2e-3", "--lr-warmup", "30", "--ema", "0.99", "--val-every", "250", "--save-every", "100",
+    "--steps", "800", "--time-budget", "3", "--batch-size", "8", "--patch-size", "64",
+    "--lr", "2e-3", "--lr-warmup", "30", "--ema", "0.99", "--val-every", "200", "--save-every", "100",
     "--log-every", "50",
 ]
 
@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python training/finetune.py",
         description=(
-            "Fine-tune or train a FlexSR / spandrel super-resolution model. With no arguments it runs the embedded "
-            "default: a small FlexNet trained for a few minutes on generated anime-style images, reporting held-out "
-            "PSNR against bicubic and writing the model (.safetensors) and a side-by-side PNG under runs/. "
+            "Fine-tune or train a FlexSR / spandrel super-resolution model. With no arguments (precisely: without "
+            "--arch, --pretrained and --data) it runs the embedded default: a small FlexNet trained for a few minutes "
+            "on generated anime-style images, reporting held-out PSNR against bicubic and writing the model "
+            "(.safetensors) and a side-by-side PNG under runs/. "
             "For several processes or machines run it under torchrun (DDP; NCCL on GPUs, gloo on CPU; only rank 0 "
             "writes files)."
         ),
@@ -156,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --out's checkpoint.pt; starts fresh if there is none). Same seed and settings give the "
                    "same loss curve as an uninterrupted run")
     o.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="fit the whole schedule (L1 warm-up, "
-                   "LR decay) into MIN minutes of training: progress is the larger of step/--steps and time/budget, so a "
-                   "slow or busy machine does fewer steps (0 = steps only; exact reproducibility needs the step count "
-                   "to decide)")
+                   "GAN start, LR decay) into MIN minutes of training steps (validation and checkpoints come on top): a "
+                   "machine too slow for --steps in that time advances the schedule by time and does fewer steps; a fast "
+                   "enough one runs exactly the step-based schedule (0 = steps only)")
     o.add_argument("--time-limit", type=float, default=0.0, metavar="MIN", help="hard stop (checkpoint, export) after "
                    "MIN minutes of wall time, wherever the schedule is (0 = no limit)")
     o.add_argument("--log-every", type=int, default=100, metavar="N", help="log a line every N steps")
@@ -202,7 +203,8 @@ def _epilog() -> str:
     return "\n".join([
         wrap(f"presets for --arch: {presets}"),
         "",
-        wrap(f"no arguments = python training/finetune.py {default}"),
+        wrap(f"without --arch, --pretrained or --data, the embedded default run applies: python training/finetune.py "
+             f"{default} (options given on top override it, e.g. --out DIR or --steps N)"),
         "",
         "examples:",
         "  python training/finetune.py --arch FlexNet --scale 4 --data imgs/ --val val/ --steps 50000",
@@ -234,10 +236,15 @@ def _setup_console_logging() -> None:
     log.setLevel(logging.INFO)
 
 
+def uses_default_run(argv: list[str]) -> bool:
+    """Without --arch, --pretrained or --data a run is the embedded default (options given override it)."""
+    return not any(a.split("=", 1)[0] in ("--arch", "--pretrained", "--data") for a in argv)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = list(DEFAULT_ARGS)
+    if uses_default_run(argv):
+        argv = [*DEFAULT_ARGS, *argv]  # the embedded default, with whatever was given on top
     args = build_parser().parse_args(argv)
     if args.arch and args.pretrained:
         build_parser().error("give --arch or --pretrained, not both")
@@ -263,8 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_console_logging()
-    if argv is None and len(sys.argv) == 1 or argv == []:
-        log.info("No arguments: running the embedded default, i.e. %s", " ".join(shlex.quote(a) for a in args.command))
+    if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
+        log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
     from training.loop import train
 
     try:

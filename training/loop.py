@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -48,52 +49,100 @@ class Schedule:
     """Where a run is, and what follows from it: the LR, when the edge-weighted loss and the GAN
     start, and when the run ends.
 
-    Progress before step ``k`` is ``k / steps``; with ``--time-budget`` it is the larger of that and
-    (training seconds so far) / budget, so a slow machine runs the whole schedule (L1 warm-up, LR
-    decay) in the budget with fewer steps. Step-based runs are exactly reproducible; budgeted runs
-    are whenever the step count, not the clock, decides.
+    Progress after ``k`` steps is ``k / steps`` plus ``extra``. Without ``--time-budget``, ``extra``
+    stays 0. With one, each step advances progress by at least its smoothed duration / budget: a
+    machine too slow for ``--steps`` in the budget moves through the whole schedule (L1 warm-up,
+    GAN start, LR decay) in fewer steps, and the run ends when progress reaches 1. A machine fast
+    enough never accumulates ``extra``, so its run is exactly the step-based one. Only the
+    training steps count against the budget (validation and checkpoints come on top); the clock
+    starts to count once the smoothed step time exceeds the budget's share by ``MARGIN``, so a
+    budgeted run may take up to that much longer than its budget.
     """
+
+    #: First steps of each (resumed) segment that are not measured: they carry start-up costs.
+    UNTIMED_STEPS = 5
+    #: Timed steps averaged before the clock may move the schedule.
+    CALIBRATION_STEPS = 20
+    #: Weight of the newest step in the smoothed step time.
+    SMOOTHING = 0.05
+    #: The smoothed step time must exceed budget / steps by this factor before the clock counts, so
+    #: that noise on a machine that is fast enough cannot make its run differ from the step-based one.
+    MARGIN = 1.1
 
     def __init__(self, args, l1_warmup: int, gan_start: int):
         self.args = args
         self.steps = args.steps
         self.budget = args.time_budget * 60.0
         self.l1_warmup, self.gan_start = l1_warmup, gan_start
-        self.train_seconds = 0.0  # rank 0's wall time inside the loop, over all resumed segments
+        self.extra = 0.0
+        self.step_seconds: float | None = None  # smoothed duration of a training step
+        self.timed = 0
+        self._samples: list[float] = []
+
+    def observe(self, seconds: float | None) -> None:
+        """Account for a step that took ``seconds`` (None: a start-up step, not counted)."""
+        if self.budget <= 0 or seconds is None:
+            return
+        self.timed += 1
+        allowed = self.budget / self.steps
+        if self.timed <= self.CALIBRATION_STEPS:  # the median of the first timed steps ...
+            self._samples.append(seconds)
+            self.step_seconds = float(statistics.median(self._samples))
+            if self.timed == self.CALIBRATION_STEPS and self.step_seconds > self.MARGIN * allowed:
+                self.extra += self.timed * (self.step_seconds - allowed) / self.budget  # catch up
+            return
+        # ... then a moving average, each step clipped at twice the estimate (one hiccup is not a trend)
+        a = self.SMOOTHING
+        self.step_seconds = (1 - a) * self.step_seconds + a * min(seconds, 2 * self.step_seconds)
+        if self.step_seconds > self.MARGIN * allowed or self.extra > 0:
+            self.extra += max(0.0, (self.step_seconds - allowed) / self.budget)
 
     def progress(self, step: int) -> float:
-        p = step / self.steps
-        if self.budget > 0:
-            p = max(p, self.train_seconds / self.budget)
-        return min(p, 1.0)
+        """Fraction of the schedule done after ``step`` steps (0..1)."""
+        return min(1.0, step / self.steps + self.extra)
 
-    def lr_factor(self, step: int, p: float) -> float:
-        """Multiplier of the base LR: linear warm-up over ``--lr-warmup`` steps, then cosine /
-        multistep / constant over the progress."""
+    def reached(self, step: int, mark: int) -> bool:
+        """Whether the schedule is at or past step ``mark`` of ``--steps`` (exact integers when step-based)."""
+        return step >= mark if self.extra == 0.0 else self.progress(step) * self.steps >= mark
+
+    def finished(self, done: int) -> bool:
+        return self.reached(done, self.steps)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base LR for step ``step``: linear warm-up over ``--lr-warmup`` steps, then
+        cosine / multistep / constant over the progress."""
         a = self.args
         warm = a.lr_warmup
         if warm > 0 and step < warm:
             return (step + 1) / warm
+        p = self.progress(step)
         if a.schedule == "cosine":
-            pw = min(warm / self.steps, 0.999)
-            t = min(1.0, max(0.0, (p - pw) / (1 - pw)))
+            if self.extra == 0.0:  # the step-based schedule, exactly
+                t = (step - warm) / max(1, self.steps - warm)
+            else:
+                pw = min(warm / self.steps, 0.99)
+                t = (p - pw) / (1 - pw)
+            t = min(1.0, max(0.0, t))
             floor = a.min_lr / a.lr if a.lr > 0 else 0.0
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
         if a.schedule == "multistep":
-            return a.gamma ** sum(p >= m / self.steps for m in (a.milestones or []))
+            return a.gamma ** sum(self.reached(step, m) for m in (a.milestones or []))
         return 1.0
 
-    def edge_on(self, p: float) -> bool:
-        return p >= self.l1_warmup / self.steps
+    def edge_on(self, step: int) -> bool:
+        return self.reached(step, self.l1_warmup)
 
-    def gan_on(self, p: float) -> bool:
-        return p >= self.gan_start / self.steps
+    def gan_on(self, step: int) -> bool:
+        return self.reached(step, self.gan_start)
 
     def state_dict(self) -> dict:
-        return {"train_seconds": self.train_seconds, "steps": self.steps, "budget": self.budget}
+        return {"extra": self.extra, "step_seconds": self.step_seconds, "timed": self.timed, "steps": self.steps,
+                "budget": self.budget}
 
     def load_state_dict(self, state: dict) -> None:
-        self.train_seconds = float(state["train_seconds"])
+        self.extra = float(state["extra"])
+        self.step_seconds = state.get("step_seconds")
+        self.timed = int(state.get("timed", 0))
 
 
 class EMA:
@@ -459,25 +508,24 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     stopped_early = False
     step = start
     t_loop, seen = time.time(), 0
-    seconds_before = scheduler.train_seconds
-    p = scheduler.progress(start)
     dev = dist.device
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else None
 
+    t_step = time.time()
     for step, (lr_img, hr_img) in enumerate(loader, start=start):
         if freeze_until and step == freeze_until:
             log.info("Step %d: body unfrozen.", step)
         lr_img = lr_img.to(dev, non_blocking=True)
         hr_img = hr_img.to(dev, non_blocking=True)
-        gan_on = run.disc is not None and scheduler.gan_on(p)
-        lr_now = args.lr * scheduler.lr_factor(step, p)
+        gan_on = run.disc is not None and scheduler.gan_on(step)
+        lr_now = args.lr * scheduler.lr_factor(step)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * lr_now / args.lr if args.lr > 0 else 0.0
 
         optimizer.zero_grad(set_to_none=True)
         with autocast() if autocast else _null():
             sr = run.wrapped(lr_img)
-        loss, parts = pixel_loss(sr.float(), hr_img, scheduler.edge_on(p))
+        loss, parts = pixel_loss(sr.float(), hr_img, scheduler.edge_on(step))
         if gan_on:
             with autocast() if autocast else _null():
                 fake_logits = run.d_wrapped(sr)
@@ -505,18 +553,22 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             run.d_optimizer.step()
             parts["d_loss"] = d_loss.detach()
 
-        # One collective per step: the loss parts averaged over ranks, plus rank 0's clock and stop flag
+        # One collective per step: the loss parts averaged over ranks, plus rank 0's step time and stop flag
         # (so every rank follows the same schedule).
         names = ["loss", *sorted(parts)]
-        clock = seconds_before + time.time() - t_loop
+        step_time = time.time() - t_step
         stop = float(args.time_limit > 0 and time.time() - t_start > args.time_limit * 60)
-        own = [stop * dist.world_size, clock * dist.world_size] if dist.is_main else [0.0, 0.0]
+        own = [stop * dist.world_size, step_time * dist.world_size] if dist.is_main else [0.0, 0.0]
         vec = torch.stack([loss.detach().float().cpu(), *[parts[n].float().cpu() for n in names[1:]]])
         vec = torch.cat([vec.double(), torch.tensor(own, dtype=torch.float64)])
         vec = D.all_reduce_mean(vec.to(dev) if dev.type == "cuda" else vec, dist).cpu()
-        scheduler.train_seconds = float(vec[-1])
         done = step + 1
-        p = scheduler.progress(done)
+        had_extra = scheduler.extra > 0
+        scheduler.observe(float(vec[-1]) if done - start > Schedule.UNTIMED_STEPS else None)
+        if scheduler.extra > 0 and not had_extra:
+            log.info("--time-budget %g min: steps take %.3f s, more than the %.3f s that %d steps allow; the schedule "
+                     "now also advances by time.", args.time_budget, scheduler.step_seconds,
+                     scheduler.budget / args.steps, args.steps)
         seen += lr_img.shape[0] * dist.world_size
         record = {"kind": "train", "step": done, **{n: float(v) for n, v in zip(names, vec[:-2].tolist())}, "lr": lr_now}
         elapsed = time.time() - t_loop
@@ -529,7 +581,7 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
         if dist.is_main and args.log_every > 0 and done % args.log_every == 0:
             log.info("step %d/%d  loss %.5f  lr %.2e  %.1f img/s", done, args.steps, record["loss"], record["lr"], record["img_per_s"])
         stop_now = vec[-2].item() >= 1.0
-        last = done == args.steps or stop_now or p >= 1.0
+        last = scheduler.finished(done) or stop_now
         if dist.is_main and run.val_pairs and ((args.val_every > 0 and done % args.val_every == 0) or last):
             last_val = validate(run)
             metrics.write({"kind": "val", "step": done, **{k: v for k, v in last_val.items() if k != "n"},
@@ -543,13 +595,14 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
                 save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run, done, rngs))
         if step_sleep:
             time.sleep(step_sleep)
+        t_step = time.time()
         if stop_now:
             stopped_early = True
             log.warning("Stopped by --time-limit %g min at step %d of %d.", args.time_limit, done, args.steps)
             break
         if last:
             if done < args.steps:
-                log.info("--time-budget %g min used up: schedule completed in %d of %d steps.", args.time_budget, done, args.steps)
+                log.info("--time-budget %g min: schedule completed in %d of %d steps.", args.time_budget, done, args.steps)
             break
     if progress is not None:
         progress.close()
@@ -599,6 +652,7 @@ def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict,
         "parameters": parameter_count(final),
         "steps": steps_done,
         "stopped_early": stopped_early,
+        "schedule_by_time": run.scheduler.extra > 0,  # --time-budget changed the schedule (not step-exact)
         "seconds": seconds,
         "world_size": run.dist.world_size,
     }
