@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "transformer_sr", "eimn")
+FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "lamnet", "transformer_sr", "eimn")
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
