@@ -95,6 +95,14 @@ def main() -> None:
         print(f"held-out Y-PSNR {summary['val_psnr']:.3f} dB vs bicubic {summary['val_bicubic_psnr']:.3f} dB "
               f"-> gain {summary['val_gain_db']:+.3f} dB (target >= +2 dB); SSIM {summary['val_ssim']:.4f} vs "
               f"{summary['val_bicubic_ssim']:.4f}; {summary['val_n']} images")
+        shipped = ROOT / "models" / f"{finetune.DEFAULT_NAME}.safetensors"
+        if shipped.is_file() and not summary["schedule_by_time"]:
+            from safetensors.torch import load_file
+
+            a, b = load_file(str(shipped)), load_file(summary["model"])
+            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            results["default"]["identical_to_shipped"] = same
+            print(f"weights identical to the shipped {shipped.relative_to(ROOT)}: {'yes' if same else 'NO'}")
 
     held = make_images(defaults.synthetic_val_count, (defaults.synthetic_val_size,) * 2, defaults.seed, "val")
     pairs = val_pairs_from_arrays([(str(i), x) for i, x in enumerate(held)], defaults.scale)
