@@ -7,7 +7,6 @@ import pytest
 import safetensors.torch
 from safetensors import safe_open
 import torch
-from spandrel import MAIN_REGISTRY
 
 import archs
 from archs import IncompatibleWeightsError, UnsupportedModelError
@@ -22,6 +21,7 @@ from archs.lamnet import (
     kernel_layout_of,
 )
 from testutil import assert_round_trip
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lamnet"
 RELEASE_MAP = ((-8, 4), (-6, 2), (-4, 2), (-3, 1), (-2, 1), (-1, 1), (0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (6, 2), (8, 4))
@@ -191,7 +191,7 @@ def test_checkpoint_wrappers_and_files(tmp_path):
 
 def test_no_spandrel_builtin_claims_lamnet():
     sd = LAMNet_base(4).state_dict()
-    claimed = [a.architecture.id for a in MAIN_REGISTRY.architectures("detection") if a.detect(sd)]
+    claimed = [a.architecture.id for a in spandrel_builtins("detection") if a.detect(sd)]
     assert claimed == []
 
 

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from spandrel import MAIN_REGISTRY
 from testutil import assert_round_trip
 
 import archs
 from archs import IncompatibleWeightsError
 from archs.blocks import pad_to_multiple
 from archs.lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny, LMLTArch
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmlt"
 PUBLISHED = "LMLT_tiny_x2.pth"
@@ -182,7 +182,7 @@ def test_published_checkpoint_loads_params_ema(shared_weights):
     assert desc.model.hyperparameters == LMLT_tiny(2).hyperparameters
     builtin_claims = [
         s.architecture.id
-        for s in MAIN_REGISTRY.architectures("detection")
+        for s in spandrel_builtins("detection")
         if s.architecture.id != "LMLT" and s.detect(raw["params_ema"])
     ]
     assert not builtin_claims, f"spandrel built-ins {builtin_claims} claim the published LMLT checkpoint"
