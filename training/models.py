@@ -236,7 +236,6 @@ def parameter_count(model: nn.Module) -> int:
 
 #: File-name tokens for load options that some architectures cannot read from the weights
 #: (the DaViT-style transformer's window size and heads: ``..._w4_h16.safetensors``).
-HINT_TOKENS = {"window_size": "w", "num_heads": "h"}
 
 
 def _detected_spec(state_dict: dict):
@@ -254,13 +253,13 @@ def export_name(model: nn.Module, name: str) -> str:
     no trace in the weights, when the model's architecture reads such hints."""
     spec = _detected_spec(model.state_dict())
     hp = getattr(model, "hyperparameters", {}) or {}
-    accepted = getattr(spec, "load_options", ()) or ()
-    wanted = {k: hp[k] for k in accepted if k in HINT_TOKENS and k in hp}
-    if not wanted or not hasattr(spec, "hints_from_filename"):
+    letters = getattr(spec, "filename_hints", {}) or {}
+    wanted = {k: hp[k] for k in letters if k in hp}
+    if not wanted:
         return name
     if spec.hints_from_filename(name + ".safetensors") == wanted:
         return name
-    candidate = name + "".join(f"_{HINT_TOKENS[k]}{v}" for k, v in wanted.items())
+    candidate = name + "".join(f"_{letters[k]}{v}" for k, v in wanted.items())
     return candidate if spec.hints_from_filename(candidate + ".safetensors") == wanted else name
 
 
