@@ -29,6 +29,7 @@ from .eimn import EIMN, EIMN_A, EIMN_L, EIMNArch
 
 # Family modules after the registry (which imports them while it builds REGISTRY).
 from .lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny  # noqa: E402
+from .lamnet import LAMNet, LAMNet_base, LAMNet_large, LAMNetArch  # noqa: E402
 
 # ViT family (classifiers / GAN discriminators, not upscalers: not in the spandrel registry)
 from .cait import CaiT
@@ -76,4 +77,8 @@ __all__ = [
     "CrossViT",
     "ViTFamilyDiscriminator",
     "make_discriminator",
+    "LAMNet",
+    "LAMNet_base",
+    "LAMNet_large",
+    "LAMNetArch",
 ]

@@ -273,7 +273,12 @@ class LMLTArch(FlexSRArchitecture):
             ),
         )
 
-    def load(self, state_dict: dict[str, Tensor]) -> ImageModelDescriptor[LMLT]:
+    load_options = ("window_size",)
+    filename_hints = {"window_size": "w"}
+
+    def load(self, state_dict: dict[str, Tensor], window_size: int = 8) -> ImageModelDescriptor[LMLT]:
+        """``window_size`` leaves no trace in the weights: 8 (the published models) unless given, or
+        named in the file name as ``_w<N>`` (``archs.load_model`` passes it)."""
         dim, in_chans = state_dict["to_feat.weight"].shape[:2]
         n_blocks = get_seq_len(state_dict, "feats")
         ffn_scale = state_dict["feats.0.ccm.ccm.0.weight"].shape[0] / dim
@@ -283,10 +288,15 @@ class LMLTArch(FlexSRArchitecture):
             raise ValueError(
                 f"to_img.0.weight has {out} output channels, which is not {in_chans}·scale² for any scale."
             )
-        model = LMLT(dim=dim, n_blocks=n_blocks, ffn_scale=ffn_scale, upscaling_factor=scale, in_chans=in_chans)
+        model = LMLT(
+            dim=dim, n_blocks=n_blocks, ffn_scale=ffn_scale, upscaling_factor=scale, in_chans=in_chans,
+            window_size=window_size,
+        )
         _check_fits(model, state_dict)
         preset = _preset_name(model.hyperparameters)
         tags = ([preset] if preset else []) + [f"{dim}dim", f"{n_blocks}nb"]
+        if window_size != 8:
+            tags.append(f"w{window_size}")
         return ImageModelDescriptor(
             model,
             state_dict,

@@ -7,7 +7,7 @@ import logging
 import os
 import pickle
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterable, Mapping
 
 import torch
@@ -34,7 +34,7 @@ log = logging.getLogger("flexsr")
 StateDict = dict[str, torch.Tensor]
 
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
-FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "transformer_sr", "eimn")
+FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "lamnet", "transformer_sr", "eimn")
 
 CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
@@ -52,10 +52,12 @@ class FlexSRArchitecture(Architecture):
     """
 
     load_options: tuple[str, ...] = ()
+    #: ``{option: letter}``: integer options a file name may carry as ``_<letter><N>`` tokens.
+    filename_hints: dict[str, str] = {}
 
     def hints_from_filename(self, name: str) -> dict:
-        """Values for some of ``load_options`` read from a checkpoint's file name; none by default."""
-        return {}
+        """Values for some of ``load_options`` read from a checkpoint's file name (see ``filename_hints``)."""
+        return int_hints_from_filename(name, self.filename_hints)
 
     def signature_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,6 +66,22 @@ class FlexSRArchitecture(Architecture):
         with torch.device("meta"):
             model = self.signature_model()
         return {_key_pattern(k) for k in model.state_dict()}
+
+
+def int_hints_from_filename(name: str | os.PathLike, letters: Mapping[str, str]) -> dict[str, int]:
+    """Integer options named in a file name: ``..._w4_h16.pt`` with ``{"window_size": "w", "num_heads": "h"}``
+    -> ``{"window_size": 4, "num_heads": 16}``.
+
+    Reads separate ``<letter><N>`` tokens (split at ``_``, ``-``, ``.``, spaces; any case) of the file's
+    stem. A token that appears with two different values is ignored. Returns only what it found.
+    """
+    tokens = re.split(r"[^0-9a-z]+", PurePath(str(name)).stem.lower())
+    hints: dict[str, int] = {}
+    for option, letter in letters.items():
+        values = {int(t[len(letter):]) for t in tokens if re.fullmatch(re.escape(letter) + r"\d+", t)}
+        if len(values) == 1 and (value := values.pop()) > 0:
+            hints[option] = value
+    return hints
 
 
 def _key_pattern(key: str) -> str:

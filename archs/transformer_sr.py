@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .blocks import pad_to_multiple, window_partition, window_reverse
 from .errors import IncompatibleWeightsError
-from .registry import FlexSRArchitecture
+from .registry import FlexSRArchitecture, int_hints_from_filename
 
 log = logging.getLogger("flexsr")
 
@@ -304,19 +304,8 @@ def convert_old_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
 
 
 def hints_from_filename(name: str | PurePath) -> dict[str, int]:
-    """Window size and heads named in a file name: ``..._w4_h16.pt`` -> ``{"window_size": 4, "num_heads": 16}``.
-
-    Reads separate ``w<N>`` and ``h<M>`` tokens (split at ``_``, ``-``, ``.``, spaces; any case) of
-    the file's stem, as in the author's ``transformerSR_b8_d256_w4_h16.pt``. A token that appears
-    with two different values is ignored. Returns only what it found.
-    """
-    tokens = re.split(r"[^0-9a-z]+", PurePath(str(name)).stem.lower())
-    hints: dict[str, int] = {}
-    for option, letter in (("window_size", "w"), ("num_heads", "h")):
-        values = {int(t[1:]) for t in tokens if re.fullmatch(letter + r"\d+", t)}
-        if len(values) == 1 and (value := values.pop()) > 0:
-            hints[option] = value
-    return hints
+    """Window size and heads named in a file name: ``..._w4_h16.pt`` -> ``{"window_size": 4, "num_heads": 16}``."""
+    return int_hints_from_filename(name, TransformerSRArch.filename_hints)
 
 
 def _factor_and_out_channels(rows: int, in_channels: int) -> tuple[int, int]:
@@ -377,8 +366,7 @@ class TransformerSRArch(FlexSRArchitecture):
     def __init__(self) -> None:
         super().__init__(id="TransformerSR", name="TransformerSR", detect=KeyCondition.has_any(_CURRENT, _OLD))
 
-    def hints_from_filename(self, name: str) -> dict:
-        return hints_from_filename(name)
+    filename_hints = {"window_size": "w", "num_heads": "h"}
 
     def signature_model(self) -> nn.Module:
         return SR(factor=2, num_blocks=1, dim=16, window_size=4, num_heads=4)

@@ -17,10 +17,10 @@ from typing import Callable
 
 import pytest
 import torch
-from spandrel import MAIN_REGISTRY
 from torch import nn
 
 import archs
+from testutil import spandrel_builtins
 
 StateDict = dict[str, torch.Tensor]
 
@@ -156,7 +156,7 @@ def _spandrel_cases() -> list:
 
 
 def _spandrel_arch(arch_id: str):
-    return next(a.architecture for a in MAIN_REGISTRY.architectures("insertion") if a.architecture.id == arch_id)
+    return next(a.architecture for a in spandrel_builtins("insertion") if a.architecture.id == arch_id)
 
 
 def _flexsr_archs():
@@ -165,7 +165,7 @@ def _flexsr_archs():
 
 def test_table_covers_spandrel_builtins():
     """Every spandrel built-in (at the time of writing, 42) has at least one small model above."""
-    builtin = {a.architecture.id for a in MAIN_REGISTRY.architectures("insertion")}
+    builtin = {a.architecture.id for a in spandrel_builtins("insertion")}
     builtin -= {s.architecture.id for s in archs.REGISTRY.architectures("insertion")}  # if install() ran
     missing = builtin - set(SPANDREL_MODELS)
     assert not missing, f"no small model for spandrel built-ins {sorted(missing)}; add one to SPANDREL_MODELS"
@@ -191,7 +191,7 @@ def test_no_spandrel_builtin_claims_flexsr(arch):
     ours = {a.id for a in _flexsr_archs()}
     claimed = [
         s.architecture.id
-        for s in MAIN_REGISTRY.architectures("detection")
+        for s in spandrel_builtins("detection")
         if s.architecture.id not in ours and s.detect(state_dict)
     ]
     assert not claimed, f"spandrel's {claimed} claim FlexSR's {arch.id}"

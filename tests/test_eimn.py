@@ -18,6 +18,7 @@ from archs.eimn import EIMN, EIMN_A, EIMN_L, ChannelLayerNorm, EIMNArch, mlp_rat
 from archs.registry import FlexSRArchitecture
 from testutil import assert_round_trip
 from training.metrics import evaluate_pairs, set5_pairs
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eimn"
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,14 +234,16 @@ def test_no_spandrel_builtin_claims_eimn():
     sd = _eimn_state_dict()
     claimed = [
         s.architecture.id
-        for s in spandrel.MAIN_REGISTRY.architectures("detection")
+        for s in spandrel_builtins("detection")
         if not isinstance(s.architecture, FlexSRArchitecture) and s.detect(sd)
     ]
     assert claimed == []
 
 
 def test_spandrel_loads_eimn_once_installed():
-    registry = archs.install(spandrel.MAIN_REGISTRY.copy())  # a copy: spandrel's global stays untouched
+    registry = spandrel.ArchRegistry()  # spandrel's built-ins only; its global registry stays untouched
+    registry.add(*spandrel_builtins("insertion"))
+    archs.install(registry)
     desc = registry.load(_eimn_state_dict())
     assert isinstance(desc.model, EIMN) and desc.architecture.id == "EIMN"
     assert not desc.model.training

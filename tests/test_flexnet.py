@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from spandrel import MAIN_REGISTRY
 from testutil import assert_round_trip
 
 import archs
 from archs.blocks import pad_to_multiple
 from archs.flexnet import UPSAMPLER_ALIASES, FlexNet, FlexNetArch, MetaFlexNet
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flexnet"
 
@@ -127,7 +127,7 @@ def test_descriptor_fields():
 def test_no_spandrel_builtin_claims_flexnet_and_ours_claims_none_of_theirs():
     sds = [f().state_dict() for f in (tiny, tiny_meta, functools.partial(tiny, upsampler="n+c"))]
     for sd in sds:
-        claimed = [a.architecture.id for a in MAIN_REGISTRY.architectures("detection") if a.detect(sd)]
+        claimed = [a.architecture.id for a in spandrel_builtins("detection") if a.detect(sd)]
         assert claimed == [], claimed
     arch = FlexNetArch()
     from spandrel.architectures.ESRGAN import ESRGAN

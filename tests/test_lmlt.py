@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from spandrel import MAIN_REGISTRY
 from testutil import assert_round_trip
 
 import archs
 from archs import IncompatibleWeightsError
 from archs.blocks import pad_to_multiple
 from archs.lmlt import LMLT, LMLT_base, LMLT_large, LMLT_tiny, LMLTArch
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmlt"
 PUBLISHED = "LMLT_tiny_x2.pth"
@@ -182,7 +182,7 @@ def test_published_checkpoint_loads_params_ema(shared_weights):
     assert desc.model.hyperparameters == LMLT_tiny(2).hyperparameters
     builtin_claims = [
         s.architecture.id
-        for s in MAIN_REGISTRY.architectures("detection")
+        for s in spandrel_builtins("detection")
         if s.architecture.id != "LMLT" and s.detect(raw["params_ema"])
     ]
     assert not builtin_claims, f"spandrel built-ins {builtin_claims} claim the published LMLT checkpoint"
@@ -307,3 +307,20 @@ def test_set5_x2_beats_bicubic(shared_weights, set5, image, top, left):
     bicubic = F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False)
     assert sr.shape == hr.shape
     assert _y_psnr(sr, hr, 2) >= _y_psnr(bicubic, hr, 2) + 2.0
+
+
+def test_window_size_from_option_and_file_name(tmp_path):
+    """window_size leaves no trace in the weights: 8 by default, a load option or a ``_w<N>`` file name sets it."""
+    import safetensors.torch
+
+    model = LMLT(dim=12, n_blocks=1, upscaling_factor=2, window_size=4).eval()
+    sd = model.state_dict()
+    assert archs.load_model(sd).model.hyperparameters["window_size"] == 8
+    assert archs.load_model(sd, window_size=4).model.hyperparameters["window_size"] == 4
+    path = tmp_path / "LMLT_tiny_custom_w4.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    loaded = archs.load_model(path)
+    assert loaded.model.hyperparameters["window_size"] == 4 and "w4" in loaded.tags
+    x = torch.rand(1, 3, 20, 12)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), model(x), atol=1e-6)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spandrel import MAIN_REGISTRY, ArchRegistry
+from spandrel import ArchRegistry
 
 import archs
 from archs import (
@@ -15,6 +15,7 @@ from archs import (
     UnsafeCheckpointError,
     UnsupportedModelError,
 )
+from testutil import spandrel_builtins
 
 
 class _Payload:
@@ -124,7 +125,7 @@ def test_wrappers_and_prefixes_unwrapped(tmp_path):
 
 def test_install_is_idempotent_and_keeps_existing_entries():
     registry = ArchRegistry()
-    registry.add(*MAIN_REGISTRY.architectures("insertion"))
+    registry.add(*spandrel_builtins("insertion"))
     n_builtin = len(registry)
     archs.install(registry)
     archs.install(registry)

@@ -9,7 +9,6 @@ import pytest
 import safetensors.torch
 import torch
 from safetensors import safe_open
-from spandrel import MAIN_REGISTRY
 
 import archs
 from archs import IncompatibleWeightsError
@@ -22,6 +21,7 @@ from archs.transformer_sr import (
     load_transformer_sr,
 )
 from testutil import assert_round_trip, assert_same_hyperparameters
+from testutil import spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformer_sr"
 TINY = dict(num_blocks=1, dim=16, window_size=4, num_heads=16)  # window and heads = the loader's defaults
@@ -331,7 +331,7 @@ def test_old_scheme_bad_weights_are_incompatible():
 
 def test_spandrel_built_ins_do_not_claim_either_scheme():
     for sd in (tiny_sr().state_dict(), tiny_old().state_dict()):
-        claimed = [a.architecture.id for a in MAIN_REGISTRY.architectures("detection")
+        claimed = [a.architecture.id for a in spandrel_builtins("detection")
                    if a.architecture.id != "TransformerSR" and a.detect(sd)]
         assert claimed == []
 

@@ -63,3 +63,15 @@ def torch_save_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def spandrel_builtins(order: str = "detection") -> list:
+    """spandrel's own architectures (``MAIN_REGISTRY`` less anything ``archs.install()`` added to it).
+
+    Loading the pack (as ComfyUI does, and as the node tests do) installs FlexSR's families into
+    spandrel's global registry; "no built-in claims ours" must look at the built-ins only.
+    """
+    from spandrel import MAIN_REGISTRY
+
+    ours = {s.architecture.id for s in archs.REGISTRY.architectures("insertion")}
+    return [s for s in MAIN_REGISTRY.architectures(order) if s.architecture.id not in ours]

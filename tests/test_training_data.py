@@ -1,0 +1,248 @@
+"""Degradations (shapes, modes, blur/noise/JPEG, determinism) and the data pipeline (folders, bad files,
+small images, the (seed, step, rank) sampler)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from training.data import (
+    DatasetError,
+    ImageSet,
+    PatchSampler,
+    StepBatches,
+    augment,
+    find_images,
+    scan_folders,
+    val_pairs_from_arrays,
+)
+from training.degradations import DOWNSCALE_MODES, Degradation, add_noise, downscale, gaussian_blur, jpeg
+
+
+def _rand(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# Degradations
+
+
+@pytest.mark.parametrize("mode", DOWNSCALE_MODES)
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_downscale_shapes_and_range(mode, scale):
+    hr = _rand(2, 3, 24, 36)
+    lr = downscale(hr, scale, mode)
+    assert lr.shape == (2, 3, 24 // scale, 36 // scale)
+    assert lr.min() >= 0 and lr.max() <= 1
+    flat = torch.full((1, 3, 12, 12), 0.25)
+    assert torch.allclose(downscale(flat, scale, mode), torch.full_like(downscale(flat, scale, mode), 0.25), atol=1e-6)
+
+
+def test_downscale_modes_are_what_they_say():
+    hr = _rand(1, 3, 24, 24)
+    assert torch.allclose(downscale(hr, 3, "area"), F.avg_pool2d(hr, 3), atol=1e-6)
+    aa = F.interpolate(hr, size=(8, 8), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    assert torch.allclose(downscale(hr, 3, "bicubic"), aa)
+    plain = F.interpolate(hr, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(downscale(hr, 3, "bilinear"), plain)
+    outs = [downscale(hr, 3, m) for m in DOWNSCALE_MODES]
+    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(outs) for b in outs[i + 1 :])
+    # antialiasing: a 1-px checkerboard becomes (nearly) flat grey with bicubic-AA, not with plain bilinear
+    checker = ((torch.arange(24)[:, None] + torch.arange(24)[None, :]) % 2).float().expand(1, 3, 24, 24)
+    assert downscale(checker, 3, "bicubic").std() < 0.05 < downscale(checker, 3, "bilinear").std()
+    with pytest.raises(ValueError):
+        downscale(hr, 2, "nearest")
+
+
+def test_blur_noise_and_jpeg_change_the_image_and_keep_it_in_range():
+    img = _rand(2, 3, 32, 32)
+    blurred = gaussian_blur(img, 1.5)
+    assert blurred.shape == img.shape and (blurred - img).abs().mean() > 0.05
+    assert blurred.std() < img.std()  # low-pass
+    assert torch.allclose(blurred.mean(), img.mean(), atol=0.01)
+    assert torch.equal(gaussian_blur(img, 0.0), img)
+    noisy = add_noise(img, torch.tensor([0.05, 0.0]), torch.Generator().manual_seed(0))
+    assert (noisy[0] - img[0]).abs().mean() > 0.02 and torch.allclose(noisy[1], img[1])
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    smooth = F.interpolate(_rand(2, 3, 8, 8), size=(32, 32), mode="bilinear")
+    low, high = jpeg(smooth, [10, 10]), jpeg(smooth, [95, 95])
+    err_low, err_high = (low - smooth).abs().mean(), (high - smooth).abs().mean()
+    assert err_low > err_high > 0  # lower quality, larger error
+    assert low.shape == smooth.shape and low.min() >= 0 and low.max() <= 1
+
+
+def test_degradation_is_a_pure_function_of_the_generator_seed():
+    deg = Degradation(scale=2, blur=2.0, blur_prob=0.5, noise=10, noise_prob=0.5, jpeg=30, jpeg_prob=0.5)
+    hr = _rand(6, 3, 32, 32)
+    a, info_a = deg.apply(hr, torch.Generator().manual_seed(7))
+    b, info_b = deg.apply(hr, torch.Generator().manual_seed(7))
+    c, _ = deg.apply(hr, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and info_a == info_b
+    assert not torch.equal(a, c)
+    assert a.shape == (6, 3, 16, 16)
+    assert info_a["mode"] in DOWNSCALE_MODES and len(info_a["blur"]) == 6 and len(info_a["jpeg"]) == 6
+
+
+def test_one_downscale_mode_per_batch_and_all_modes_get_drawn():
+    deg = Degradation(scale=2)
+    hr = _rand(3, 3, 16, 16)
+    seen = set()
+    for s in range(30):
+        lr, info = deg.apply(hr, torch.Generator().manual_seed(s))
+        assert torch.allclose(lr, downscale(hr, 2, info["mode"]))  # no blur/noise/JPEG: just the mode
+        seen.add(info["mode"])
+    assert seen == set(DOWNSCALE_MODES)
+    only_area = Degradation(scale=2, modes=("area",))
+    assert only_area.apply(hr, torch.Generator().manual_seed(0))[1]["mode"] == "area"
+    with pytest.raises(ValueError):
+        Degradation(modes=("lanczos",))
+
+
+# --------------------------------------------------------------------------------------------------
+# Folders
+
+
+def _write(path, size=(40, 48), seed=0):
+    arr = (np.random.default_rng(seed).random((size[0], size[1], 3)) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _bad_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "garbage.png").write_bytes(b"this is not an image at all")
+    good = folder / "tmp_full.jpg"
+    _write(good)
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.jpg").write_bytes(data[:40])
+    (folder / "empty.webp").write_bytes(b"")
+    return 3
+
+
+def test_find_images_is_recursive_and_takes_png_jpg_webp_in_any_case(tmp_path):
+    _write(tmp_path / "a.png")
+    _write(tmp_path / "sub" / "deeper" / "b.JPG")
+    _write(tmp_path / "sub" / "c.webp")
+    (tmp_path / "notes.txt").write_text("x")
+    names = [p.name for p in find_images(tmp_path)]
+    assert sorted(names) == ["a.png", "b.JPG", "c.webp"]
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match="No image files"):
+        scan_folders([tmp_path / "empty"], 32)
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_folders([tmp_path / "nope"], 32)
+
+
+def test_only_unreadable_files_is_a_clear_error(tmp_path, caplog):
+    n_bad = _bad_files(tmp_path / "bad")
+    with caplog.at_level(logging.WARNING, logger="flexsr"), pytest.raises(DatasetError, match=f"{n_bad} unreadable"):
+        scan_folders([tmp_path / "bad"], 32)
+
+
+def test_some_unreadable_files_are_skipped_with_one_warning_each_and_counted(tmp_path, caplog):
+    n_bad = _bad_files(tmp_path / "mixed")
+    for i in range(2):
+        _write(tmp_path / "mixed" / f"ok{i}.png", seed=i)
+    with caplog.at_level(logging.WARNING, logger="flexsr"):
+        images = scan_folders([tmp_path / "mixed"], 32)
+    assert len(images) == 2 and images.unreadable == n_bad
+    per_file = [r for r in caplog.records if r.getMessage().startswith("Skipping unreadable image")]
+    assert sorted(r.getMessage().split("'")[1].rsplit("/", 1)[-1] for r in per_file) == ["empty.webp", "garbage.png", "truncated.jpg"]
+    assert any(f"{n_bad} of 5 image files" in r.getMessage() for r in caplog.records)
+
+
+def test_small_images_are_padded_or_skipped_and_the_log_says_which(tmp_path, caplog):
+    _write(tmp_path / "big.png", (64, 64))
+    _write(tmp_path / "small.png", (20, 70), seed=1)
+    with caplog.at_level(logging.INFO, logger="flexsr"):
+        padded = scan_folders([tmp_path], 48, small="pad")
+    assert len(padded) == 2 and padded.padded == 1
+    assert any("mirror-padded" in r.getMessage() for r in caplog.records)
+    assert padded.get(1).shape[:2] == (48, 70)  # 20 rows mirrored up to the patch
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flexsr"):
+        skipped = scan_folders([tmp_path], 48, small="skip")
+    assert len(skipped) == 1 and skipped.skipped_small == 1
+    assert any("Skipped 1 images smaller" in r.getMessage() for r in caplog.records)
+    (tmp_path / "big.png").unlink()
+    with pytest.raises(DatasetError, match="smaller than the 48 px patch"):
+        scan_folders([tmp_path], 48, small="skip")
+
+
+def test_an_image_damaged_after_the_scan_is_replaced_deterministically(tmp_path, caplog):
+    _write(tmp_path / "a.png", seed=0)
+    _write(tmp_path / "b.png", seed=1)
+    images = scan_folders([tmp_path], 16)
+    (tmp_path / "a.png").write_bytes(b"broken now")
+    with caplog.at_level(logging.WARNING, logger="flexsr"):
+        arr = images.get(0)
+    assert np.array_equal(arr, np.asarray(Image.open(tmp_path / "b.png").convert("RGB")))
+    assert sum("Skipping unreadable image" in r.getMessage() for r in caplog.records) == 1
+    images.get(0)
+    assert sum("Skipping unreadable image" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _sampler(seed=0, **deg):
+    rng = np.random.default_rng(0)
+    arrays = [(rng.random((40 + 4 * i, 44, 3)) * 255).astype(np.uint8) for i in range(5)]
+    images = ImageSet(arrays=arrays, min_size=16)
+    return PatchSampler(images, 16, 4, Degradation(scale=2, **deg), seed=seed)
+
+
+def test_batches_are_a_pure_function_of_seed_step_and_rank():
+    s = _sampler(jpeg=40, noise=5)
+    lr, hr = s.batch(3)
+    assert lr.shape == (4, 3, 8, 8) and hr.shape == (4, 3, 16, 16)
+    assert lr.dtype == hr.dtype == torch.float32 and 0 <= hr.min() and hr.max() <= 1
+    lr2, hr2 = _sampler(jpeg=40, noise=5).batch(3)  # a fresh sampler (as after a resume)
+    assert torch.equal(lr, lr2) and torch.equal(hr, hr2)
+    assert not torch.equal(s.batch(4)[1], hr)
+    assert not torch.equal(s.batch(3, rank=1)[1], hr)
+    assert not torch.equal(_sampler(seed=1).batch(3)[1], hr)
+    ds = StepBatches(s, start=2, end=6)
+    assert len(ds) == 4 and torch.equal(ds[1][1], hr)
+
+
+def _occurs_in(patch: np.ndarray, img: np.ndarray) -> bool:
+    """Whether ``patch`` [p, p, 3] is a crop of ``img`` [H, W, 3] (exact match)."""
+    p = patch.shape[0]
+    ys, xs = np.nonzero((img[: img.shape[0] - p + 1, : img.shape[1] - p + 1] == patch[0, 0]).all(-1))
+    return any(np.array_equal(img[y : y + p, x : x + p], patch) for y, x in zip(ys, xs))
+
+
+def test_patches_are_crops_of_the_images_under_the_8_dihedral_transforms():
+    s = _sampler()
+    _, hr = s.batch(0)
+    inverse = {c: next(d for d in range(8) if np.array_equal(augment(augment(np.arange(4).reshape(2, 2, 1), c), d),
+                                                           np.arange(4).reshape(2, 2, 1))) for c in range(8)}
+    for patch in hr:
+        arr = (patch.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        hits = [c for c in range(8) for img in s.images.arrays if _occurs_in(augment(arr, inverse[c]), img)]
+        assert hits, "a patch is not a (transformed) crop of any image"
+    codes = {tuple(augment(np.arange(4).reshape(2, 2, 1), c).ravel()) for c in range(8)}
+    assert len(codes) == 8  # the 8 transforms are distinct
+
+
+def test_validation_pairs_are_mod_cropped_and_bicubic_downscaled():
+    arr = (np.random.default_rng(0).random((33, 30, 3)) * 255).astype(np.uint8)
+    [(name, lr, hr)] = val_pairs_from_arrays([("x", arr)], 4)
+    assert name == "x" and hr.shape == (3, 32, 28) and lr.shape == (3, 8, 7)
+    assert torch.allclose(lr, downscale(hr.unsqueeze(0), 4, "bicubic")[0])
+    [(_, lr_c, hr_c)] = val_pairs_from_arrays([("x", arr)], 2, crop=16)
+    assert hr_c.shape == (3, 16, 16) and lr_c.shape == (3, 8, 8)
+    assert val_pairs_from_arrays([("tiny", arr[:12])], 2) == []  # SSIM's window would not fit

@@ -1,0 +1,290 @@
+"""FlexSR fine-tuning command line.
+
+    python training/finetune.py                      # the embedded default (see --help)
+    python training/finetune.py --arch FlexNet --scale 2 --data photos/ --val val/ --steps 20000
+    python training/finetune.py --pretrained 4x_model.safetensors --scale 2 --freeze-body-steps 500 --data art/
+    torchrun --nproc_per_node 2 training/finetune.py --arch FlexNet --data art/ ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the pack root replaces training/ on sys.path
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _root = os.path.dirname(_here)
+    if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == os.path.realpath(_here):
+        sys.path[0] = _root
+    elif _root not in sys.path:
+        sys.path.insert(0, _root)
+
+from archs.errors import FlexSRError  # noqa: E402
+from training.degradations import DOWNSCALE_MODES  # noqa: E402
+from training.discriminators import KINDS as GAN_KINDS  # noqa: E402
+from training.losses import GAN_LOSSES  # noqa: E402
+
+log = logging.getLogger("flexsr")
+
+#: The small FlexNet the pack ships (models/FlexSR_default_x2.safetensors) and the no-argument run trains.
+DEFAULT_NAME = "FlexSR_default_x2"
+DEFAULT_ARCH = "FlexNet"
+DEFAULT_ARCH_ARGS = {"dim": 16, "num_blocks": [2, 2], "window_size": 8, "hidden_rate": 2, "upsampler": "ps"}
+#: What ``python training/finetune.py`` with no arguments runs (a few minutes on 2 CPU cores).
+DEFAULT_ARGS = [
+    "--arch", DEFAULT_ARCH, "--arch-args", json.dumps(DEFAULT_ARCH_ARGS, separators=(",", ":")),
+    "--scale", "2", "--name", DEFAULT_NAME, "--seed", "0", "--threads", "1",
+    "--steps", "800", "--time-budget", "3", "--batch-size", "8", "--patch-size", "64",
+    "--lr", "2e-3", "--lr-warmup", "30", "--ema", "0.99", "--val-every", "200", "--save-every", "100",
+    "--log-every", "50",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python training/finetune.py",
+        description=(
+            "Fine-tune or train a FlexSR / spandrel super-resolution model. With no arguments (precisely: without "
+            "--arch, --pretrained and --data) it runs the embedded default: a small FlexNet trained for a few minutes "
+            "on generated anime-style images, reporting held-out PSNR against bicubic and writing the model "
+            "(.safetensors) and a side-by-side PNG under runs/. "
+            "For several processes or machines run it under torchrun (DDP; NCCL on GPUs, gloo on CPU; only rank 0 "
+            "writes files)."
+        ),
+        formatter_class=_HelpFormatter,
+        epilog=_epilog(),
+    )
+    m = ap.add_argument_group("model")
+    m.add_argument("--arch", help="a preset of the pack (see the list below), built with random weights; "
+                   f"default when neither --arch nor --pretrained is given: {DEFAULT_ARCH} with the default-model "
+                   "--arch-args")
+    m.add_argument("--arch-args", type=_json_dict, default=None, metavar="JSON",
+                   help="keyword overrides for the --arch preset, e.g. '{\"dim\": 32, \"num_blocks\": [2, 2]}'")
+    m.add_argument("--pretrained", metavar="FILE", help="start from a checkpoint (anything archs.load_model reads: "
+                   "FlexSR's families and spandrel's built-ins; .pth/.pt/.ckpt/.safetensors)")
+    m.add_argument("--scale", type=int, default=None, help="upscale factor; default 2 for --arch, the checkpoint's "
+                   "for --pretrained. A --pretrained model at another scale is rebuilt at this one: weights that "
+                   "still fit are kept (the body), the rest (the tail) is re-initialized")
+    m.add_argument("--init", choices=("auto", "bilinear", "random"), default="auto",
+                   help="start of an --arch model: bilinear = FlexNet's pixel-shuffle tail begins as bilinear "
+                   "upsampling (a residual is learned from step 0); auto = bilinear where the model allows it")
+    m.add_argument("--freeze-body-steps", type=int, default=0, metavar="N",
+                   help="with a re-initialized tail, train only the tail for the first N steps")
+
+    d = ap.add_argument_group("data")
+    d.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR training images (png, jpg, webp; "
+                   "searched recursively). Default: generated anime-style images (training/synthetic.py)")
+    d.add_argument("--val", metavar="DIR", help="folder of HR validation images (LR made by antialiased bicubic). "
+                   "Default without --data: a generated held-out set; with --data: no validation")
+    d.add_argument("--val-every", type=int, default=500, metavar="N", help="validate every N steps (and at the end)")
+    d.add_argument("--val-crop", type=int, default=0, metavar="PX", help="validate on a centred PX square of each "
+                   "image (0 = whole images)")
+    d.add_argument("--val-max-images", type=int, default=0, metavar="N", help="use the first N validation images (0 = all)")
+    d.add_argument("--patch-size", type=int, default=128, metavar="PX", help="HR patch side (a multiple of the scale)")
+    d.add_argument("--batch-size", type=int, default=16, metavar="N", help="patches per step and process (under "
+                   "torchrun each of the processes draws N patches of its own)")
+    d.add_argument("--downscale", nargs="+", choices=DOWNSCALE_MODES, default=list(DOWNSCALE_MODES),
+                   help="LR downscale modes; one is drawn per batch (bicubic is antialiased)")
+    d.add_argument("--blur", type=float, default=0.0, metavar="SIGMA", help="max Gaussian blur sigma of HR before "
+                   "downscaling (0 = off)")
+    d.add_argument("--blur-prob", type=float, default=0.5, metavar="P", help="chance an image gets blurred")
+    d.add_argument("--noise", type=float, default=0.0, metavar="LEVEL", help="max Gaussian noise std on LR, in 8-bit "
+                   "levels (0 = off)")
+    d.add_argument("--noise-prob", type=float, default=0.5, metavar="P", help="chance an image gets noise")
+    d.add_argument("--jpeg", type=int, default=0, metavar="Q", help="lowest JPEG quality of LR artefacts, drawn in "
+                   "[Q, 95] (0 = off; pillow's encoder)")
+    d.add_argument("--jpeg-prob", type=float, default=0.5, metavar="P", help="chance an image gets JPEG-compressed")
+    d.add_argument("--small-images", choices=("pad", "skip"), default="pad",
+                   help="images smaller than the patch: mirror-pad them or skip them")
+    d.add_argument("--no-augment", action="store_true", help="no random flips / 90-degree rotations")
+    d.add_argument("--workers", type=int, default=None, metavar="N", help="DataLoader worker processes (default: 4 on CUDA, 0 on CPU)")
+    d.add_argument("--cache-mb", type=int, default=1024, metavar="MIB", help="decoded-image cache per process, in MiB")
+    d.add_argument("--synthetic-count", type=int, default=64, metavar="N", help="generated training images (no --data)")
+    d.add_argument("--synthetic-size", type=int, default=160, metavar="PX", help="side of generated training images")
+    d.add_argument("--synthetic-val-count", type=int, default=8, metavar="N", help="generated held-out images (no --data)")
+    d.add_argument("--synthetic-val-size", type=int, default=128, metavar="PX", help="side of generated held-out images")
+
+    lo = ap.add_argument_group("loss")
+    lo.add_argument("--edge-weight", type=float, default=1.0, metavar="W", help="after the warm-up the pixel loss is "
+                    "W * edge-weighted L1 + (1 - W) * L1 (edge weights: Sobel magnitude of the HR patch); 0 = plain L1")
+    lo.add_argument("--l1-warmup", type=int, default=None, metavar="N", help="plain-L1 steps before the edge-weighted "
+                    "loss (and the GAN) start (default: half of --steps)")
+    lo.add_argument("--gan", choices=GAN_KINDS, default=None, help="add an adversarial loss with this discriminator "
+                    "(vit/cait/crossformer/crossvit from archs; patch = conv PatchGAN)")
+    lo.add_argument("--gan-args", type=_json_dict, default=None, metavar="JSON", help="keyword overrides for the "
+                    "discriminator, e.g. '{\"dim\": 128, \"depth\": 4}'")
+    lo.add_argument("--gan-loss", choices=GAN_LOSSES, default="hinge", help="hinge or non-saturating (softplus) loss")
+    lo.add_argument("--gan-weight", type=float, default=0.005, metavar="W", help="weight of the generator's adversarial loss")
+    lo.add_argument("--gan-lr", type=float, default=1e-4, metavar="LR", help="discriminator learning rate (its own AdamW)")
+    lo.add_argument("--gan-start", type=int, default=None, metavar="N", help="first GAN step (default: end of --l1-warmup)")
+    lo.add_argument("--gan-spectral-norm", action="store_true", help="spectral normalisation in ViT-family discriminators "
+                    "(the patch discriminator always has it)")
+
+    t = ap.add_argument_group("optimisation")
+    t.add_argument("--steps", type=int, default=10000, metavar="N", help="optimizer steps")
+    t.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
+    t.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), metavar=("B1", "B2"), help="AdamW betas")
+    t.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="AdamW weight decay")
+    t.add_argument("--lr-warmup", type=int, default=100, metavar="N", help="linear LR warm-up steps")
+    t.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine", help="LR after the warm-up")
+    t.add_argument("--min-lr", type=float, default=1e-6, metavar="LR", help="cosine floor")
+    t.add_argument("--milestones", type=int, nargs="*", default=None, metavar="STEP", help="multistep: steps where the LR "
+                   "is multiplied by --gamma (default: 50%%, 75%%, 90%% of --steps)")
+    t.add_argument("--gamma", type=float, default=0.5, help="multistep factor")
+    t.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM", help="gradient-norm clipping (0 = off)")
+    t.add_argument("--ema", type=float, default=0.999, metavar="DECAY", help="EMA of the weights, used for validation "
+                   "and export (0 = off)")
+    t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="mixed precision: auto = bf16 (fp16 where bf16 is unsupported) on CUDA, none on CPU")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU)")
+    t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0 = torch's default)")
+    t.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the weights and the data: batch k is a pure function of "
+                   "(seed, k, rank)")
+
+    o = ap.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="everything a run writes: checkpoint.pt, metrics.jsonl, train.log, "
+                   "tensorboard/, <name>.safetensors, <name>_samples.png, summary.json (default: runs/<name>)")
+    o.add_argument("--name", help="name of the exported model (default: <arch>_x<scale>)")
+    o.add_argument("--save-every", type=int, default=500, metavar="N", help="write checkpoint.pt every N steps "
+                   "(atomically) and at the end")
+    o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT "
+                   "(default: --out's checkpoint.pt; starts fresh if there is none). Same seed and settings give the "
+                   "same loss curve as an uninterrupted run")
+    o.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="fit the whole schedule (L1 warm-up, "
+                   "GAN start, LR decay) into MIN minutes of training steps (validation and checkpoints come on top): a "
+                   "machine too slow for --steps in that time advances the schedule by time and does fewer steps; a fast "
+                   "enough one runs exactly the step-based schedule (0 = steps only)")
+    o.add_argument("--time-limit", type=float, default=0.0, metavar="MIN", help="hard stop (checkpoint, export) after "
+                   "MIN minutes of wall time, wherever the schedule is (0 = no limit)")
+    o.add_argument("--log-every", type=int, default=100, metavar="N", help="log a line every N steps")
+    o.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    o.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="also log to <out>/tensorboard when TensorBoard is installed")
+    return ap
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown where they say something; the epilog keeps its line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of keyword arguments")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+
+
+def _epilog() -> str:
+    import textwrap
+
+    try:
+        from training.models import available_presets
+
+        presets = ", ".join(available_presets())
+    except Exception as e:  # noqa: BLE001 - --help must work even with a broken family
+        presets = f"(could not list: {e})"
+    default = " ".join(shlex.quote(a) for a in DEFAULT_ARGS)
+    wrap = lambda text: textwrap.fill(text, 100, subsequent_indent="  ")  # noqa: E731
+    return "\n".join([
+        wrap(f"presets for --arch: {presets}"),
+        "",
+        wrap(f"without --arch, --pretrained or --data, the embedded default run applies: python training/finetune.py "
+             f"{default} (options given on top override it, e.g. --out DIR or --steps N)"),
+        "",
+        "examples:",
+        "  python training/finetune.py --arch FlexNet --scale 4 --data imgs/ --val val/ --steps 50000",
+        "  python training/finetune.py --pretrained 4x_model.pth --scale 2 --freeze-body-steps 1000 --data imgs/",
+        "  python training/finetune.py --out runs/a --resume            # continue a killed run",
+        "  torchrun --nproc_per_node 4 training/finetune.py --arch FlexNet --data imgs/ --batch-size 8",
+        "  torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 \\",
+        "      training/finetune.py --arch FlexNet --data imgs/            # (node_rank 1 on the other machine)",
+    ])
+
+
+class _TqdmHandler(logging.Handler):
+    """Console log lines that do not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def _setup_console_logging() -> None:
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("[flexsr] %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
+def uses_default_run(argv: list[str]) -> bool:
+    """Without --arch, --pretrained or --data a run is the embedded default (options given override it)."""
+    return not any(a.split("=", 1)[0] in ("--arch", "--pretrained", "--data") for a in argv)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if uses_default_run(argv):
+        argv = [*DEFAULT_ARGS, *argv]  # the embedded default, with whatever was given on top
+    args = build_parser().parse_args(argv)
+    if args.arch and args.pretrained:
+        build_parser().error("give --arch or --pretrained, not both")
+    if not args.arch and not args.pretrained:
+        args.arch = DEFAULT_ARCH
+        if args.arch_args is None:
+            args.arch_args = _json_dict(json.dumps(DEFAULT_ARCH_ARGS))
+    if args.name is None:
+        base = args.arch or Path(args.pretrained).stem
+        args.name = f"{base}_x{args.scale}" if args.scale else base
+    if args.out is None:
+        args.out = str(Path("runs") / args.name)
+    if args.workers is None:
+        import torch
+
+        args.workers = 4 if torch.cuda.is_available() and args.device != "cpu" else 0
+    if args.milestones is None:
+        args.milestones = [int(args.steps * f) for f in (0.5, 0.75, 0.9)]
+    args.command = ["python", "training/finetune.py", *argv]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_console_logging()
+    if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
+        log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
+    from training.loop import train
+
+    try:
+        summary = train(args)
+    except (FlexSRError, ValueError, FileNotFoundError) as e:
+        log.debug("failed", exc_info=True)
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
