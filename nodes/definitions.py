@@ -115,7 +115,7 @@ class UpscaleImage:
         )
         bar.update_absolute(PROGRESS_STEPS, PROGRESS_STEPS)
         text = report.text()
-        log.info("FlexSR: %s", text)
+        log.info("FlexSR: %s", text.replace("\n", "; "))
         return {"ui": {"flexsr_plan": [text]}, "result": (out,)}
 
 

@@ -81,9 +81,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
+        """The tile plan, precision and sizes, one fact per line (shown on the upscale node)."""
         (h, w), (oh, ow) = self.input_size, self.output_size
-        parts = [
-            f"{self.plan}" + (f" (+{self.context} px context, grid {self.align})" if self.context else ""),
+        parts = [self.plan] + ([f"+{self.context} px context, grid {self.align} px"] if self.context else []) + [
             f"{self.precision} on {self.device}, batch {self.batch}",
             f"{self.batch_size}× {w}×{h} → {ow}×{oh} {self.channels}",
         ]
@@ -91,7 +91,7 @@ class Report:
             parts.append(f"{self.passes} model passes")
         if self.oom_retries:
             parts.append(f"out of memory {self.oom_retries}× → tile {self.tile} px")
-        return "; ".join(parts + self.notes)
+        return "\n".join(parts + self.notes)
 
 
 # --------------------------------------------------------------------------------------------------
