@@ -152,6 +152,10 @@ def ours(pack, model, image, device, precision="fp32", tile=0):
     return out, report
 
 
+def one_line(report) -> str:
+    return report.text().replace("\n", "; ")
+
+
 def psnr(a, b):
     mse = float(((a.double() - b.double()) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
@@ -269,10 +273,10 @@ def main() -> None:
     what = "wall time" if cuda else "process CPU time"
     print(f"\n{args.size}x{args.size} -> x{model.scale}, best {what} of {args.repeat}")
     print(line("whole image (no tiling)", "whole"))
-    print(line("FlexSR engine (auto)", "ours", f"  seam PSNR {psnr(mine, ref):6.1f} dB  [{report.text().replace(chr(10), "; ")}]"))
+    print(line("FlexSR engine (auto)", "ours", f"  seam PSNR {psnr(mine, ref):6.1f} dB  [{one_line(report)}]"))
     print(line("ComfyUI tiled_scale", "comfy",
                f"  seam PSNR {psnr(theirs, ref):6.1f} dB  [{steps} tiles of 512 px, 32 px overlap]"))
-    print(line("FlexSR engine, 512 tiles", "ours512", f"  seam PSNR {psnr(fixed, ref):6.1f} dB  [{rep512.text().replace(chr(10), "; ")}]"))
+    print(line("FlexSR engine, 512 tiles", "ours512", f"  seam PSNR {psnr(fixed, ref):6.1f} dB  [{one_line(rep512)}]"))
     print(f"  throughput ratio FlexSR / ComfyUI: {best['comfy'] / best['ours']:.2f}x (auto), "
           f"{best['comfy'] / best['ours512']:.2f}x (512 px tiles)")
 
