@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .errors import IncompatibleWeightsError
 from .vit import (
+    FeedForward,
     Rule,
     check_image,
     const,
@@ -73,24 +74,6 @@ class LayerScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}"
-
-
-class FeedForward(nn.Module):
-    """Pre-norm MLP: LayerNorm (no bias), Linear, GELU (tanh), Dropout, Linear, Dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim, eps=1e-5, bias=False),
-            nn.Linear(dim, hidden_dim),
-            nn.GELU(approximate="tanh"),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, dim),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class Attention(nn.Module):
@@ -147,7 +130,7 @@ class Transformer(nn.Module):
                 nn.ModuleList(
                     [
                         LayerScale(dim, Attention(dim, heads, dim_head, dropout), depth=ind + 1),
-                        LayerScale(dim, FeedForward(dim, mlp_dim, dropout), depth=ind + 1),
+                        LayerScale(dim, FeedForward(dim, mlp_dim, dropout, eps=1e-5, norm_bias=False), depth=ind + 1),
                     ]
                 )
                 for ind in range(depth)

@@ -27,27 +27,9 @@ from einops.layers.torch import Rearrange
 from spandrel.util import store_hyperparameters
 from torch import Tensor, nn
 
-from .vit import Rule, check_image, const, convert_flax, init_token_, pair, resize_pos_grid
+from .vit import FeedForward, Rule, check_image, const, convert_flax, init_token_, pair, resize_pos_grid
 
 # classes
-
-
-class FeedForward(nn.Module):
-    """Pre-norm MLP: LayerNorm (no bias), Linear, GELU (tanh), Dropout, Linear, Dropout."""
-
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.LayerNorm(dim, eps=1e-5, bias=False),
-            nn.Linear(dim, hidden_dim),
-            nn.GELU(approximate="tanh"),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, dim),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class Attention(nn.Module):
@@ -84,7 +66,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             [
-                nn.ModuleList([Attention(dim, heads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout)])
+                nn.ModuleList([Attention(dim, heads, dim_head, dropout), FeedForward(dim, mlp_dim, dropout, eps=1e-5, norm_bias=False)])
                 for _ in range(depth)
             ]
         )

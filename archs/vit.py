@@ -92,12 +92,15 @@ def init_token_(t: Tensor) -> Tensor:
 
 
 class FeedForward(nn.Module):
-    """Pre-norm MLP on tokens ``[B, N, dim]``: LayerNorm, Linear, GELU (tanh), Dropout, Linear, Dropout."""
+    """Pre-norm MLP on tokens ``[B, N, dim]``: LayerNorm, Linear, GELU (tanh), Dropout, Linear, Dropout.
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, eps: float = 1e-6):
+    ViT's norm has eps 1e-6 and a bias; CaiT's and CrossViT's (``eps=1e-5, norm_bias=False``) have none.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, eps: float = 1e-6, norm_bias: bool = True):
         super().__init__()
         self.net = nn.Sequential(
-            nn.LayerNorm(dim, eps=eps),
+            nn.LayerNorm(dim, eps=eps, bias=norm_bias),
             nn.Linear(dim, hidden_dim),
             nn.GELU(approximate="tanh"),
             nn.Dropout(dropout),
