@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init", choices=("auto", "bilinear", "random"), default="auto",
                    help="start of an --arch model: bilinear = FlexNet's pixel-shuffle tail begins as bilinear "
                    "upsampling (a residual is learned from step 0); auto = bilinear where the model allows it")
+    m.add_argument("--norm-stats", choices=("auto", "frozen", "batch"), default="auto",
+                   help="batch-norm layers (EIMN has 28): frozen = keep the running statistics (eval mode; their affine "
+                   "weights still train), batch = normalise with batch statistics and update them; auto = frozen with "
+                   "--pretrained, batch otherwise")
     m.add_argument("--freeze-body-steps", type=int, default=0, metavar="N",
                    help="with a re-initialized tail, train only the tail for the first N steps")
 

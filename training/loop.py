@@ -32,7 +32,8 @@ from .degradations import Degradation
 from .discriminators import make_discriminator
 from .losses import PixelLoss, discriminator_loss, generator_adversarial_loss
 from .metrics import bicubic_upscale, evaluate_pairs
-from .models import LoadedModel, build_preset, export_name, export_safetensors, init_as_bilinear, load_pretrained, parameter_count
+from .models import (LoadedModel, build_preset, export_name, export_safetensors, freeze_norm_statistics, init_as_bilinear,
+                     load_pretrained, parameter_count)
 from .synthetic import make_images
 
 log = logging.getLogger("flexsr")
@@ -183,6 +184,12 @@ class Run:
     d_optimizer: torch.optim.Optimizer | None = None
     wrapped: nn.Module | None = None
     d_wrapped: nn.Module | None = None
+    t_start: float = 0.0  # when this process started the run
+    wall_before: float = 0.0  # wall seconds of earlier sessions of the same run (from the checkpoint)
+
+    def wall_seconds(self) -> float:
+        """Wall time of the whole run, over every --resume."""
+        return self.wall_before + time.time() - self.t_start
 
 
 def amp_dtype(args, device: torch.device) -> torch.dtype | None:
@@ -345,6 +352,7 @@ def checkpoint_state(run: Run, step: int, rng_states: list) -> dict:
         "data": {"seed": run.args.seed, "next_step": step, "world_size": run.dist.world_size},
         "args": _plain_args(run.args),
         "arch": {"name": run.loaded.architecture, "scale": run.loaded.scale},
+        "wall_s": run.wall_seconds(),
     }
     if run.ema is not None:
         state["ema"] = run.ema.model.state_dict()
@@ -383,6 +391,7 @@ def restore(run: Run, state: dict) -> int:
     if run.disc is not None and "disc" in state:
         run.disc.load_state_dict(state["disc"])
         run.d_optimizer.load_state_dict(state["d_optimizer"])
+    run.wall_before = float(state.get("wall_s", 0.0))
     rngs = state["rng"]
     if len(rngs) == run.dist.world_size:
         set_rng_state(rngs[run.dist.rank])
@@ -441,6 +450,12 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
              f", {len(loaded.reinitialized)} tensors re-initialized" if args.pretrained and loaded.reinitialized else "")
     if args.patch_size % scale:
         raise ValueError(f"--patch-size {args.patch_size} must be a multiple of the scale {scale}.")
+    norm_mode = getattr(args, "norm_stats", "auto")
+    if norm_mode == "frozen" or (norm_mode == "auto" and args.pretrained):
+        frozen_norms = freeze_norm_statistics(model)
+        if frozen_norms:
+            log.info("Norm statistics: %d batch-norm layers keep their running statistics (--norm-stats %s).",
+                     frozen_norms, norm_mode)
     images, val_pairs = make_data(args, scale, dist.is_main)
     degradation = Degradation(
         scale=scale, modes=tuple(args.downscale), blur=args.blur, blur_prob=args.blur_prob,
@@ -458,7 +473,7 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     dtype = amp_dtype(args, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
     ema = EMA(model, args.ema) if args.ema > 0 else None
-    run = Run(args, dist, loaded, model, ema, optimizer, scheduler, scaler, sampler, pixel_loss, val_pairs)
+    run = Run(args, dist, loaded, model, ema, optimizer, scheduler, scaler, sampler, pixel_loss, val_pairs, t_start=t_start)
     if args.gan:
         run.disc = make_discriminator(args.gan, args.patch_size, spectral_norm=args.gan_spectral_norm,
                                       **(args.gan_args or {})).to(dist.device)
@@ -512,7 +527,10 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else None
 
     t_step = time.time()
+    data_s = compute_s = 0.0  # time waiting for batches vs. time in the step, since the last log line
     for step, (lr_img, hr_img) in enumerate(loader, start=start):
+        t_got = time.time()
+        data_s += t_got - t_step
         if freeze_until and step == freeze_until:
             log.info("Step %d: body unfrozen.", step)
         lr_img = lr_img.to(dev, non_blocking=True)
@@ -557,6 +575,7 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
         # (so every rank follows the same schedule).
         names = ["loss", *sorted(parts)]
         step_time = time.time() - t_step
+        compute_s += time.time() - t_got
         stop = float(args.time_limit > 0 and time.time() - t_start > args.time_limit * 60)
         own = [stop * dist.world_size, step_time * dist.world_size] if dist.is_main else [0.0, 0.0]
         vec = torch.stack([loss.detach().float().cpu(), *[parts[n].float().cpu() for n in names[1:]]])
@@ -579,7 +598,14 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
             progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}", refresh=False)
             progress.update(1)
         if dist.is_main and args.log_every > 0 and done % args.log_every == 0:
-            log.info("step %d/%d  loss %.5f  lr %.2e  %.1f img/s", done, args.steps, record["loss"], record["lr"], record["img_per_s"])
+            n_img = lr_img.shape[0] * min(args.log_every, done - start)
+            loader_rate, model_rate = n_img / max(data_s, 1e-9), n_img / max(compute_s, 1e-9)
+            log.info("step %d/%d  loss %.5f  lr %.2e  %.1f img/s  (loader %.1f img/s against the model's %.1f img/s: %s)",
+                     done, args.steps, record["loss"], record["lr"], record["img_per_s"], loader_rate, model_rate,
+                     "the loader keeps up" if loader_rate >= model_rate else "the model waits for data")
+            metrics.write({"kind": "throughput", "step": done, "loader_img_per_s": loader_rate,
+                           "model_img_per_s": model_rate})
+            data_s = compute_s = 0.0
         stop_now = vec[-2].item() >= 1.0
         last = scheduler.finished(done) or stop_now
         if dist.is_main and run.val_pairs and ((args.val_every > 0 and done % args.val_every == 0) or last):
@@ -623,6 +649,38 @@ class _null:
         return False
 
 
+def data_manifests(folders) -> dict[str, str]:
+    """SHA-256 of the manifest (``manifest.jsonl``, as ``python -m training.art build`` writes) that describes
+    each --data folder: in the folder or the one above it."""
+    import hashlib
+
+    found = {}
+    for folder in folders or []:
+        for cand in (Path(folder) / "manifest.jsonl", Path(folder).parent / "manifest.jsonl"):
+            if cand.is_file():
+                found[str(folder)] = hashlib.sha256(cand.read_bytes()).hexdigest()
+                break
+    return found
+
+
+def provenance(args, device, seconds: float) -> dict[str, str]:
+    """What a shipped model records beside its command: data manifest hash, machine, wall time, versions."""
+    import platform
+
+    manifests = data_manifests(args.data)
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return {
+        "data_manifest_sha256": ";".join(f"{k}={v}" for k, v in manifests.items()) if manifests else
+                                ("generated (training/synthetic.py)" if not args.data else "none found"),
+        "machine": machine,
+        "wall_time_s": f"{seconds:.0f}",
+        "torch": torch.__version__,
+    }
+
+
 def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict, seconds: float) -> dict:
     """Export the final (EMA) weights as .safetensors, write the side-by-side PNG and summary.json."""
     args = run.args
@@ -638,6 +696,7 @@ def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict,
         "steps": steps_done,
         "seed": args.seed,
         "command": " ".join(getattr(args, "command", []) or []),
+        **provenance(args, run.dist.device, run.wall_before + seconds),
     }
     name = export_name(final, args.name)
     model_path = export_safetensors(final, out / f"{name}.safetensors", meta)

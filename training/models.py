@@ -230,6 +230,17 @@ def init_as_bilinear(model: nn.Module, feature_gain: float = 0.1) -> bool:
     return True
 
 
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Put every batch-norm layer in eval mode: it normalises with its stored running statistics and stops
+    updating them, while its affine weights still train. Fine-tuning a converged model (EIMN has 28 such
+    layers) on small batches otherwise re-learns around batch statistics and overwrites the running ones.
+    Returns how many layers were frozen."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    return len(norms)
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
