@@ -12,8 +12,9 @@ rounded; PSNR and SSIM on the BT.601 Y channel with ``scale`` pixels cropped on 
 Rows, one per (scale, model), for every scale in ``--scales`` and every ``--model`` file's scale:
 ``bicubic`` (MATLAB ``imresize`` bicubic upscale of the LR image, the "Bicubic" row of the papers;
 :mod:`training.imresize`), every checkpoint in ``--weights`` (default ``<repo>/../shared/weights``)
-whose scale is one of ``--scales``, and each ``--model`` file at its own scale. Models run whole-image with ``torch.no_grad()`` in fp32 on ``--threads`` CPU threads; LR images
-larger than ``--whole-max``² pixels go through the pack's tiled engine (``nodes/engine.py``) instead.
+whose scale is one of ``--scales``, and each ``--model`` file at its own scale. Models run on the
+whole image with ``torch.no_grad()`` in fp32 on ``--threads`` CPU threads; LR images larger than
+``--whole-max``² pixels go through the pack's tiled engine (``nodes/engine.py``) instead.
 
 Columns: ``Set5`` and ``Set14`` (``GTmod12`` HR with the shipped MATLAB-bicubic ``LRbicx{s}`` LR; a
 missing ``LRbicx{s}`` folder is made with :func:`training.imresize.imresize`), and with ``--art DIR`` the
@@ -270,8 +271,9 @@ def load_average() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    summary, _, details = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=" ".join(summary.split()), epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", nargs="+", type=Path, default=[], metavar="FILE",
                    help="model files to evaluate, each at its own scale (anything archs.load_model reads)")
     p.add_argument("--scales", nargs="+", type=int, default=[2, 4], metavar="N",
