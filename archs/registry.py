@@ -487,8 +487,12 @@ def _read_torch_pickle(path: Path) -> object:
         reason = f"it is {kind}" if kind else "it is not a PyTorch checkpoint or it is truncated or damaged"
     else:
         reason = "its pickle is damaged"
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = _clean(text).removeprefix("Weights only load failed.").strip()
     raise CorruptCheckpointError(
-        f"'{path.name}' cannot be read: {reason} ({type(error).__name__}: {_clean(str(error))})."
+        f"'{path.name}' cannot be read: {reason}" + (f" ({detail})." if detail and not kind else ".")
     ) from None
 
 
