@@ -10,6 +10,7 @@ from .errors import (
     DamagedWeightsError,
     FlexSRError,
     IncompatibleWeightsError,
+    NonFiniteOutputError,
     UnsafeCheckpointError,
     UnsupportedModelError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "DamagedWeightsError",
     "FlexSRError",
     "IncompatibleWeightsError",
+    "NonFiniteOutputError",
     "UnsafeCheckpointError",
     "UnsupportedModelError",
     "EIMN",
