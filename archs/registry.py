@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import logging
 import os
 import pickle
@@ -430,24 +431,45 @@ def _pickle_bytes(path: Path) -> bytes | None:
 _IMPORTING = {"GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4"}
 
 
-def pickle_imports(data: bytes) -> list[str] | None:
-    """The names the first pickle in ``data`` imports, or None when ``data`` does not start with a
-    complete pickle (random bytes, an image, a truncated file). Reads opcodes only; runs nothing."""
+def pickle_imports(data: bytes, max_pickles: int = 6) -> list[str] | None:
+    """The names the pickles at the start of ``data`` import, or None when ``data`` does not start
+    with a complete pickle (random bytes, an image, a truncated file). Reads opcodes only; runs nothing.
+
+    Consecutive pickles are read too (torch's legacy format is several: magic number, protocol,
+    system info, then the data).
+    """
     names: list[str] = []
+    pos = 0
+    for i in range(max_pickles):
+        found = _one_pickle(data, pos, names)
+        if found is None:
+            return names if i else None
+        pos = found
+        if pos >= len(data):
+            break
+    return names
+
+
+def _one_pickle(data: bytes, start: int, names: list[str]) -> int | None:
+    """Scan the pickle at ``start``; add its imports to ``names``; return where it ends (None: not a pickle)."""
     strings: list[str] = []
+    found: list[str] = []
     try:
-        for op, arg, _pos in pickletools.genops(data):
+        stream = io.BytesIO(data)
+        stream.seek(start)
+        for op, arg, pos in pickletools.genops(stream):  # positions are the stream's (absolute)
             if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
                            "BINSTRING", "SHORT_BINSTRING"):
                 strings.append(str(arg))
             elif op.name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
+                found.append(str(arg).replace(" ", "."))
             elif op.name == "STACK_GLOBAL":
-                names.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
+                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
             elif op.name in ("EXT1", "EXT2", "EXT4"):
-                names.append(f"<copyreg extension {arg}>")
+                found.append(f"<copyreg extension {arg}>")
             if op.name == "STOP":
-                return names
+                names.extend(found)
+                return pos + 1
     except Exception:
         return None
     return None
