@@ -110,7 +110,13 @@ def _key_pattern(key: str) -> str:
 #: (gaps of param-less layers in a Sequential) before the key is refused as a claim of absent blocks.
 _INDEX_SLACK = 8
 #: Modules a build may create per state-dict key (published models: 0.6-1.1) plus a constant.
-_MODULES_PER_KEY, _MODULES_EXTRA = 4, 64
+_MODULES_PER_KEY, _MODULES_EXTRA = 2, 64
+#: Parameters and buffers a build may register beyond the file's keys (non-persistent buffers): a
+#: strict load needs a key for every other one, so a build past this cannot succeed.
+_TENSORS_EXTRA = 64
+#: A group of more than this many numbered blocks must average at least half the keys of its fullest block
+#: (published models: 72% or more), see check_block_indices.
+_GROUP_CHECKED = 8
 #: Tensor elements (parameters and buffers) a build may hold beyond the file's own.
 _EXTRA_ELEMENTS = 1 << 22
 
@@ -178,6 +184,7 @@ def check_block_indices(state_dict: Mapping[str, torch.Tensor], source: str = "s
     that counts blocks by their highest index build five million of them.
     """
     seen: dict[str, set[int]] = {}
+    top_index: dict[str, int] = {}
     example: dict[str, str] = {}
     for key in state_dict:
         parts = key.split(".")
@@ -191,24 +198,42 @@ def check_block_indices(state_dict: Mapping[str, torch.Tensor], source: str = "s
                 prefix = ".".join(parts[:i])
                 index = int(part)
                 seen.setdefault(prefix, set()).add(index)
-                if index == max(seen[prefix]):
-                    example[prefix] = key
+                if index >= top_index.get(prefix, -1):
+                    top_index[prefix], example[prefix] = index, key
     for prefix, indices in seen.items():
-        top = max(indices)
+        top = top_index[prefix]
         if top > 2 * len(indices) + _INDEX_SLACK:
             raise IncompatibleWeightsError(
                 f"{source}: key '{example[prefix][:200]}' numbers a block {top} under '{prefix}', but the file "
                 f"holds only {len(indices)} numbered entries there; the checkpoint claims blocks it does not "
                 f"contain (crafted or damaged)."
             )
+    # Blocks that are nearly empty: loaders build every block in full, so many blocks holding one key
+    # each would make a small file build a large model (refused later, but only after the build).
+    counts: dict[str, dict[int, int]] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                group = counts.setdefault(".".join(parts[:i]), {})
+                group[int(part)] = group.get(int(part), 0) + 1
+    for prefix, members in counts.items():
+        n, fullest = len(members), max(members.values())
+        if n > _GROUP_CHECKED and sum(members.values()) * 2 < n * fullest:  # published models: >= 0.72
+            sparse = sum(1 for c in members.values() if c * 2 < fullest)
+            raise IncompatibleWeightsError(
+                f"{source}: {sparse} of the {n} blocks under '{prefix}' hold far fewer keys than the fullest "
+                f"({fullest}); the checkpoint names blocks it does not contain (crafted or damaged)."
+            )
 
 
 class _BuildBudget:
     """Module-registration hooks that stop a meta build creating more modules or elements than allowed."""
 
-    def __init__(self, max_modules: int, max_elements: int, family: str):
-        self.max_modules, self.max_elements, self.family = max_modules, max_elements, family
-        self.modules = self.elements = 0
+    def __init__(self, max_modules: int, max_elements: int, max_tensors: int, family: str):
+        self.max_modules, self.max_elements, self.max_tensors = max_modules, max_elements, max_tensors
+        self.family = family
+        self.modules = self.elements = self.tensors = 0
         self.owner = threading.get_ident()
         self.handles: list = []
 
@@ -237,6 +262,12 @@ class _BuildBudget:
 
     def _tensor(self, module, name, tensor):
         if threading.get_ident() == self.owner and tensor is not None:
+            self.tensors += 1
+            if self.tensors > self.max_tensors:
+                raise IncompatibleWeightsError(
+                    f"{self.family}: the model read from the keys has more than {self.max_tensors} weight tensors, "
+                    f"more than the file holds; the checkpoint is crafted or damaged."
+                )
             if tensor.device.type != "meta":
                 self.elements += tensor.numel()
                 if self.elements > self.max_elements:
@@ -253,8 +284,9 @@ def _state_elements(state_dict: Mapping[str, torch.Tensor]) -> int:
 def _meta_probe(load, arch, state_dict, args, kwargs, family: str):
     """Run ``load`` with every new tensor on the meta device: shapes and keys are compared (strict
     ``load_state_dict``), nothing is allocated. Returns the meta descriptor."""
-    budget = _BuildBudget(_MODULES_PER_KEY * len(state_dict) + _MODULES_EXTRA,
-                          2 * _state_elements(state_dict) + _EXTRA_ELEMENTS, family)
+    keys = len(state_dict)
+    budget = _BuildBudget(_MODULES_PER_KEY * keys + _MODULES_EXTRA, 2 * _state_elements(state_dict) + _EXTRA_ELEMENTS,
+                          keys + keys // 8 + _TENSORS_EXTRA, family)
     _guard_state.probing = True
     try:
         with warnings.catch_warnings(), torch.device("meta"), budget:

@@ -7,9 +7,9 @@
 The cases are ``tests/crafted.py``'s (the same table ``tests/test_bad_inputs.py`` asserts). For each:
 file size, the exception type (or LOADED), wall time of ``archs.load_model``, and the peak RSS growth
 during the call: the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
-before each case) minus the RSS before it. ``--isolate`` runs each case in a fresh interpreter and
-kills it when its RSS passes ``--cap-mb`` or it runs past ``--timeout`` (for checkouts without the
-guards, where a crafted file exhausts memory); ``--root`` loads with another checkout's ``archs``.
+before each case) minus the RSS before it. ``--isolate`` runs each case in a fresh interpreter whose
+watchdog ends it when the load grows RSS past ``--cap-mb`` or runs past ``--timeout`` (for checkouts
+without the guards, where a crafted file exhausts memory); ``--root`` loads with another checkout's ``archs``.
 Nothing is asserted here; one thread; the load average is printed beside.
 """
 
@@ -61,7 +61,9 @@ def _setup(root: Path):
     return crafted
 
 
-def run_case(crafted, name: str, folder: Path) -> dict:
+def run_case(crafted, name: str, folder: Path, cap: int = 0, timeout: float = 0.0) -> dict:
+    """Load one case's file; with ``cap``/``timeout`` a watchdog ends the process when the load passes
+    ``cap`` bytes of RSS growth or ``timeout`` seconds (printing the result line first)."""
     import archs
 
     build, expected = crafted.crafted_cases()[name]
@@ -70,6 +72,21 @@ def run_case(crafted, name: str, folder: Path) -> dict:
     exact = _reset_peak()
     before = _status("VmRSS")
     t0 = time.perf_counter()
+    if cap or timeout:
+        import threading
+
+        def watchdog() -> None:
+            while True:
+                grown, spent = _status("VmRSS") - before, time.perf_counter() - t0
+                why = (f"killed at +{grown / 2**20:,.0f} MiB" if cap and grown > cap
+                       else f"killed after {spent:.0f} s" if timeout and spent > timeout else "")
+                if why:
+                    print(json.dumps({"case": name, "expected": expected, "got": why, "size": size,
+                                      "seconds": spent, "rss_growth": grown, "exact_peak": False}), flush=True)
+                    os._exit(0)
+                time.sleep(0.01)
+
+        threading.Thread(target=watchdog, daemon=True).start()
     try:
         archs.load_model(path)
         got = "LOADED"
@@ -83,28 +100,18 @@ def run_case(crafted, name: str, folder: Path) -> dict:
 
 
 def _isolated(name: str, root: Path, cap: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--root", str(root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    t0, peak, killed = time.perf_counter(), 0, ""
-    while proc.poll() is None:
-        rss = _status("VmRSS", str(proc.pid))
-        peak = max(peak, rss)
-        if rss > cap:
-            killed = f"killed at {rss / 2**20:,.0f} MiB"
-        elif time.perf_counter() - t0 > timeout:
-            killed = f"killed after {timeout:g} s"
-        if killed:
-            proc.kill()
-            proc.wait()
-            break
-        time.sleep(0.02)
-    if killed:
-        return {"case": name, "got": killed, "seconds": time.perf_counter() - t0, "rss_growth": peak,
-                "size": 0, "expected": "?", "exact_peak": False}
-    out = proc.stdout.read().strip().splitlines()
-    return json.loads(out[-1]) if out else {"case": name, "got": f"exit {proc.returncode}", "seconds": 0,
-                                            "rss_growth": 0, "size": 0, "expected": "?", "exact_peak": False}
+    cmd = [sys.executable, __file__, "--child", name, "--root", str(root), "--cap-mb", str(cap / 2**20),
+           "--timeout", str(timeout)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = proc.stdout.strip().splitlines()
+    except subprocess.TimeoutExpired:
+        lines = []
+    if lines:
+        return json.loads(lines[-1])
+    return {"case": name, "got": "no result", "seconds": 0, "rss_growth": 0, "size": 0, "expected": "?",
+            "exact_peak": False}
 
 
 def main() -> int:
@@ -112,8 +119,8 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=HERE, help="checkout whose archs loads the files (default: this one)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this text")
     ap.add_argument("--isolate", action="store_true", help="one watched process per case")
-    ap.add_argument("--cap-mb", type=float, default=4096, help="--isolate: kill a case past this RSS (MiB)")
-    ap.add_argument("--timeout", type=float, default=30, help="--isolate: kill a case after this many seconds")
+    ap.add_argument("--cap-mb", type=float, default=4096, help="--isolate: end a case whose load grows RSS past this (MiB)")
+    ap.add_argument("--timeout", type=float, default=30, help="--isolate: end a case whose load runs this many seconds")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = args.root.resolve()
@@ -121,7 +128,7 @@ def main() -> int:
     if args.child:
         crafted = _setup(root)
         with tempfile.TemporaryDirectory() as d:
-            print(json.dumps(run_case(crafted, args.child, Path(d))))
+            print(json.dumps(run_case(crafted, args.child, Path(d), int(args.cap_mb * 2**20), args.timeout)))
         return 0
 
     crafted = _setup(root)

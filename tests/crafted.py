@@ -72,6 +72,18 @@ def _extra(sd: dict, template: str, key: str) -> dict:
     return out
 
 
+def _many_blocks(sd: dict, block: str, count: int, keep: int | None = None) -> dict:
+    """``count`` copies of block ``<block>.0`` holding only its ``keep`` smallest tensors each (None: one key)."""
+    out = dict(sd)
+    prefix = block + ".0."
+    members = sorted((k for k in sd if k.startswith(prefix)), key=lambda k: (sd[k].numel(), k))
+    members = members[: keep or 1]
+    for i in range(1, count):
+        for k in members:
+            out[f"{block}.{i}." + k[len(prefix):]] = sd[k].clone()
+    return out
+
+
 # family -> list of (case suffix, transform of its state dict)
 _STRUCTURE: dict[str, list[tuple[str, Callable[[dict], dict]]]] = {
     "flexnet": [
@@ -81,11 +93,15 @@ _STRUCTURE: dict[str, list[tuple[str, Callable[[dict], dict]]]] = {
                                                  "pipeline.att.100000.conv.conv11.weight")),
         ("dim_8192", lambda sd: _rows(sd, "in_to_feat.weight", 8192)),
         ("hidden_rate_750", lambda sd: _rows(sd, "pipeline.att.0.t_blocks.0.ffn.key.weight", 12000)),
+        ("5000_one_key_blocks", lambda sd: _many_blocks(sd, "pipeline.att.0.t_blocks", 5000)),
+        ("300_blocks_of_7_keys", lambda sd: _many_blocks(sd, "pipeline.att.0.t_blocks", 300, keep=7)),
+        ("150_blocks_of_12_keys", lambda sd: _many_blocks(sd, "pipeline.att.0.t_blocks", 150, keep=12)),
     ],
     "lmlt": [
         ("block_index_200000", lambda sd: _extra(sd, "feats.0.ccm.ccm.0.weight", "feats.200000.ccm.ccm.0.weight")),
         ("dim_8192", lambda sd: _rows(sd, "to_feat.weight", 8192)),
         ("ffn_rows_2000", lambda sd: _rows(sd, "feats.0.ccm.ccm.0.weight", 2000)),
+        ("3000_one_key_blocks", lambda sd: _many_blocks(sd, "feats", 3000)),
     ],
     "lamnet": [
         ("group_index_100000", lambda sd: _extra(sd, "deep_feature_extraction.1.weight",
