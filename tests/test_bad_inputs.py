@@ -369,8 +369,11 @@ def test_out_must_be_an_empty_folder_unless_resume_or_overwrite(tmp_path, capsys
     previous = tmp_path / "previous"
     previous.mkdir()
     (previous / "checkpoint.pt").write_bytes(b"old run")
-    err = _parse_error(["--out", str(previous)], capsys)
-    assert "--resume" in err and "--overwrite" in err
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--out", str(previous)])  # the run refuses to start; parse_args alone (defaults) does not
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "error: argument --out" in err and "--resume" in err and "--overwrite" in err
+    assert (previous / "checkpoint.pt").read_bytes() == b"old run"
     assert "--resume" in _parse_error(["--out", str(previous), "--resume", "--overwrite"], capsys)
     assert finetune.parse_args(["--out", str(previous), "--resume"]).resume == "auto"
     assert finetune.parse_args(["--out", str(previous), "--overwrite"]).overwrite

@@ -254,7 +254,7 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     from training.losses import PixelLoss
     from training.loop import _seed_all, make_data, make_model
 
-    args = finetune.parse_args([*argv, "--overwrite"])  # --out holds the run now
+    args = finetune.parse_args(argv)
     _seed_all(args.seed)
     model = make_model(args).model
     images, _ = make_data(args, 4, is_main=False)

@@ -353,16 +353,25 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         fail("--out", args.out, "exists and is not a folder")
-    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 decides (the others start later)
-    if first_rank and out.is_dir() and any(out.iterdir()) and not args.resume and not args.overwrite:
-        fail("--out", args.out, "the folder is not empty (a previous run?); pass --resume to continue it or --overwrite to "
-             "replace it")
     if args.resume and args.overwrite:
         parser.error("give --resume or --overwrite, not both")
 
 
+def check_out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A run must not silently replace another: a non-empty --out needs --resume or --overwrite.
+
+    Checked when a run starts (``main``), not by ``parse_args``, which tools also call to read defaults.
+    """
+    out = Path(args.out)
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 decides (the others start later)
+    if first_rank and out.is_dir() and any(out.iterdir()) and not args.resume and not args.overwrite:
+        parser.error(f"argument --out: invalid value {args.out!r}: the folder is not empty (a previous run?); pass "
+                     f"--resume to continue it or --overwrite to replace it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_out_folder(build_parser(), args)
     _setup_console_logging()
     if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
         log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
