@@ -459,10 +459,6 @@ def _pickle_bytes(path: Path) -> bytes | None:
         return None
 
 
-#: Opcodes that import a name (GLOBAL, STACK_GLOBAL, INST, EXT1/2/4).
-_IMPORTING = {"GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4"}
-
-
 def pickle_imports(data: bytes, max_pickles: int = 6) -> list[str] | None:
     """The names the pickles at the start of ``data`` import, or None when ``data`` does not start
     with a complete pickle (random bytes, an image, a truncated file). Reads opcodes only; runs nothing.
@@ -489,21 +485,24 @@ def _one_pickle(data: bytes, start: int, names: list[str]) -> int | None:
     try:
         stream = io.BytesIO(data)
         stream.seek(start)
-        for op, arg, pos in pickletools.genops(stream):  # positions are the stream's (absolute)
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
-                           "BINSTRING", "SHORT_BINSTRING"):
-                strings.append(str(arg))
-            elif op.name in ("GLOBAL", "INST"):
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
-                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
-            elif op.name in ("EXT1", "EXT2", "EXT4"):
-                found.append(f"<copyreg extension {arg}>")
-            if op.name == "STOP":
-                names.extend(found)
-                return pos + 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoding random STRING operands warns about escapes
+            ops = list(pickletools.genops(stream))  # stops at the first STOP; positions are absolute
     except Exception:
         return None
+    for op, arg, pos in ops:
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                       "BINSTRING", "SHORT_BINSTRING"):
+            strings.append(str(arg))
+        elif op.name in ("GLOBAL", "INST"):
+            found.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
+        elif op.name in ("EXT1", "EXT2", "EXT4"):
+            found.append(f"<copyreg extension {arg}>")
+        if op.name == "STOP":
+            names.extend(found)
+            return pos + 1
     return None
 
 
@@ -529,6 +528,9 @@ def _read_torch_pickle(path: Path) -> object:
     if names is not None:
         allowed = _allowed_globals()
         foreign = [n for n in dict.fromkeys(names) if n not in allowed]
+        refused = re.search(r"GLOBAL ((?:\w+\.)+\w+)\b", str(error))  # torch names what it refused to import
+        if not foreign and names and refused and refused[1] not in allowed:
+            foreign = [refused[1]]  # (a name our opcode scan read from the memo differently)
         if foreign:
             shown = ", ".join(_clean(n, 80) for n in foreign[:5]) + (" …" if len(foreign) > 5 else "")
             raise UnsafeCheckpointError(
