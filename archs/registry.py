@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import io
 import logging
@@ -288,6 +289,8 @@ def _meta_probe(load, arch, state_dict, args, kwargs, family: str):
     budget = _BuildBudget(_MODULES_PER_KEY * keys + _MODULES_EXTRA, 2 * _state_elements(state_dict) + _EXTRA_ELEMENTS,
                           keys + keys // 8 + _TENSORS_EXTRA, family)
     _guard_state.probing = True
+    collecting = gc.isenabled()
+    gc.disable()  # thousands of short-lived modules: collection passes over a large heap would dominate
     try:
         with warnings.catch_warnings(), torch.device("meta"), budget:
             warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op"
@@ -303,6 +306,8 @@ def _meta_probe(load, arch, state_dict, args, kwargs, family: str):
         raise _incompatible(family, e) from e
     finally:
         _guard_state.probing = False
+        if collecting:
+            gc.enable()
 
 
 def _incompatible(family: str, e: Exception) -> IncompatibleWeightsError:
