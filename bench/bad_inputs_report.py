@@ -118,6 +118,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=HERE, help="checkout whose archs loads the files (default: this one)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this text")
+    ap.add_argument("--kind", choices=("all", "structure", "damaged", "files"), default="all",
+                    help="structure: keys/shapes claiming a larger model; damaged: NaN/Inf/int/zero-size weights; "
+                    "files: not-a-checkpoint, truncated, pickles, header attacks")
     ap.add_argument("--isolate", action="store_true", help="one watched process per case")
     ap.add_argument("--cap-mb", type=float, default=4096, help="--isolate: end a case whose load grows RSS past this (MiB)")
     ap.add_argument("--timeout", type=float, default=30, help="--isolate: end a case whose load runs this many seconds")
@@ -132,7 +135,10 @@ def main() -> int:
         return 0
 
     crafted = _setup(root)
-    names = [n for n in crafted.crafted_cases() if args.only in n]
+    kinds = {"structure": crafted.structure_cases(), "damaged": crafted.damaged_weight_cases(),
+             "files": crafted.corrupt_file_cases()}
+    pool = crafted.crafted_cases() if args.kind == "all" else kinds[args.kind]
+    names = [n for n in pool if args.only in n]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in names:
