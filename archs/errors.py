@@ -31,3 +31,12 @@ class IncompatibleWeightsError(FlexSRError, ValueError):
 
 class BadImageError(FlexSRError, ValueError):
     """An input image cannot be processed (wrong shape, channels, NaN/Inf, mixed sizes)."""
+
+
+class DamagedWeightsError(CorruptCheckpointError):
+    """The file reads, but some weights are damaged: NaN/Inf values, integer or bool values where the
+    model has floating-point weights, or tensors with a zero-size dimension."""
+
+
+class NonFiniteOutputError(FlexSRError, ArithmeticError):
+    """A model turned a finite image into NaN or infinite values (damaged weights, or an overflow)."""

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
+import threading
+import warnings
+import zipfile
 from pathlib import Path, PurePath
 from typing import Iterable, Mapping
 
@@ -17,13 +24,14 @@ from spandrel import (
     ArchSupport,
     Architecture,
     ImageModelDescriptor,
-    canonicalize_state_dict,
 )
 from spandrel import UnsupportedModelError as _SpandrelUnsupported
 
 from .errors import (
+    FlexSRError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DamagedWeightsError,
     IncompatibleWeightsError,
     UnsafeCheckpointError,
     UnsupportedModelError,
@@ -54,6 +62,14 @@ class FlexSRArchitecture(Architecture):
     load_options: tuple[str, ...] = ()
     #: ``{option: letter}``: integer options a file name may carry as ``_<letter><N>`` tokens.
     filename_hints: dict[str, str] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # Every family's ``load`` is reached by archs.load_model, by spandrel's ModelLoader after
+        # install() (ComfyUI's own loader) and by training's --pretrained: guard it where it is defined.
+        super().__init_subclass__(**kwargs)
+        load = cls.__dict__.get("load")
+        if load is not None and not getattr(load, "_flexsr_guarded", False):
+            cls.load = _guarded_load(load)
 
     def hints_from_filename(self, name: str) -> dict:
         """Values for some of ``load_options`` read from a checkpoint's file name (see ``filename_hints``)."""
@@ -86,6 +102,243 @@ def int_hints_from_filename(name: str | os.PathLike, letters: Mapping[str, str])
 
 def _key_pattern(key: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".#", key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Guarded loading: nothing is allocated beyond what the file holds
+
+#: A numbered child (``blocks.7``) may sit this far beyond twice the count of its numbered siblings
+#: (gaps of param-less layers in a Sequential) before the key is refused as a claim of absent blocks.
+_INDEX_SLACK = 8
+#: Modules a build may create per state-dict key (published models: 0.6-1.1) plus a constant.
+_MODULES_PER_KEY, _MODULES_EXTRA = 2, 64
+#: Parameters and buffers a build may register beyond the file's keys (non-persistent buffers): a
+#: strict load needs a key for every other one, so a build past this cannot succeed.
+_TENSORS_EXTRA = 64
+#: A group of more than this many numbered blocks must average at least half the keys of its fullest block
+#: (published models: 72% or more), see check_block_indices.
+_GROUP_CHECKED = 8
+#: Tensor elements (parameters and buffers) a build may hold beyond the file's own.
+_EXTRA_ELEMENTS = 1 << 22
+
+_guard_state = threading.local()
+
+
+def _guarded_load(load):
+    @functools.wraps(load)
+    def guarded(self, state_dict, *args, **kwargs):
+        if getattr(_guard_state, "probing", False):  # a nested load inside a meta probe
+            return load(self, state_dict, *args, **kwargs)
+        family = getattr(self, "name", type(self).__name__)
+        check_state_dict(state_dict, family)
+        check_block_indices(state_dict, family)
+        probe = _meta_probe(load, self, state_dict, args, kwargs, family)
+        _check_probe(probe, state_dict, family)
+        del probe
+        return load(self, state_dict, *args, **kwargs)
+
+    guarded._flexsr_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _keys_named(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state_dict(state_dict: Mapping, source: str = "state dict") -> None:
+    """Damaged weights, named: non-string keys, non-tensor values, zero-size dimensions, NaN/Inf.
+
+    Raises :class:`CorruptCheckpointError` (non-string keys) or :class:`DamagedWeightsError`.
+    """
+    bad_keys = [repr(k) for k in state_dict if not isinstance(k, str)]
+    if bad_keys:
+        raise CorruptCheckpointError(
+            f"{source}: {len(bad_keys)} key(s) are not strings ({', '.join(bad_keys[:5])}); a state dict maps "
+            f"parameter names to tensors. The file is damaged or not a model checkpoint."
+        )
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CorruptCheckpointError(f"{source}: {_keys_named(not_tensors)} hold no tensor.")
+    empty = [k for k, v in state_dict.items() if v.numel() == 0 and v.is_floating_point()]
+    if empty:
+        shapes = ", ".join(f"'{k}' {list(state_dict[k].shape)}" for k in empty[:5])
+        raise DamagedWeightsError(
+            f"{source}: {len(empty)} tensor(s) have a zero-size dimension ({shapes}); the weights are damaged."
+        )
+    odd = [k for k, v in state_dict.items() if v.is_complex() or v.is_quantized or v.is_sparse
+           or v.layout != torch.strided]
+    if odd:
+        raise DamagedWeightsError(f"{source}: {_keys_named(odd)} are complex, quantized or sparse tensors.")
+    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise DamagedWeightsError(
+            f"{source}: {_keys_named(nonfinite)} contain NaN or Inf values; a model with them outputs NaN. "
+            f"The weights are damaged (a diverged training run or a broken download)."
+        )
+
+
+def check_block_indices(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """Numbered children (``feats.<i>.…``) must not claim more blocks than the file holds.
+
+    Run before anything is built: a single key ``blocks.5000000.x`` would otherwise make a loader
+    that counts blocks by their highest index build five million of them.
+    """
+    seen: dict[str, set[int]] = {}
+    top_index: dict[str, int] = {}
+    example: dict[str, str] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                if len(part) > 9:
+                    raise IncompatibleWeightsError(
+                        f"{source}: key '{key[:200]}' has the block index {part[:20]}…, which no model has; "
+                        f"the checkpoint is crafted or damaged."
+                    )
+                prefix = ".".join(parts[:i])
+                index = int(part)
+                seen.setdefault(prefix, set()).add(index)
+                if index >= top_index.get(prefix, -1):
+                    top_index[prefix], example[prefix] = index, key
+    for prefix, indices in seen.items():
+        top = top_index[prefix]
+        if top > 2 * len(indices) + _INDEX_SLACK:
+            raise IncompatibleWeightsError(
+                f"{source}: key '{example[prefix][:200]}' numbers a block {top} under '{prefix}', but the file "
+                f"holds only {len(indices)} numbered entries there; the checkpoint claims blocks it does not "
+                f"contain (crafted or damaged)."
+            )
+    # Blocks that are nearly empty: loaders build every block in full, so many blocks holding one key
+    # each would make a small file build a large model (refused later, but only after the build).
+    counts: dict[str, dict[int, int]] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                group = counts.setdefault(".".join(parts[:i]), {})
+                group[int(part)] = group.get(int(part), 0) + 1
+    for prefix, members in counts.items():
+        n, fullest = len(members), max(members.values())
+        if n > _GROUP_CHECKED and sum(members.values()) * 2 < n * fullest:  # published models: >= 0.72
+            sparse = sum(1 for c in members.values() if c * 2 < fullest)
+            raise IncompatibleWeightsError(
+                f"{source}: {sparse} of the {n} blocks under '{prefix}' hold far fewer keys than the fullest "
+                f"({fullest}); the checkpoint names blocks it does not contain (crafted or damaged)."
+            )
+
+
+class _BuildBudget:
+    """Module-registration hooks that stop a meta build creating more modules or elements than allowed."""
+
+    def __init__(self, max_modules: int, max_elements: int, max_tensors: int, family: str):
+        self.max_modules, self.max_elements, self.max_tensors = max_modules, max_elements, max_tensors
+        self.family = family
+        self.modules = self.elements = self.tensors = 0
+        self.owner = threading.get_ident()
+        self.handles: list = []
+
+    def __enter__(self):
+        from torch.nn.modules import module as m
+
+        self.handles = [
+            m.register_module_module_registration_hook(self._module),
+            m.register_module_parameter_registration_hook(self._tensor),
+            m.register_module_buffer_registration_hook(self._tensor),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _module(self, parent, name, module):
+        if threading.get_ident() == self.owner:
+            self.modules += 1
+            if self.modules > self.max_modules:
+                raise IncompatibleWeightsError(
+                    f"{self.family}: the keys and shapes describe a model of more than {self.max_modules} "
+                    f"modules, far more than the file's weights fill; the checkpoint is crafted or damaged."
+                )
+
+    def _tensor(self, module, name, tensor):
+        if threading.get_ident() == self.owner and tensor is not None:
+            self.tensors += 1
+            if self.tensors > self.max_tensors:
+                raise IncompatibleWeightsError(
+                    f"{self.family}: the model read from the keys has more than {self.max_tensors} weight tensors, "
+                    f"more than the file holds; the checkpoint is crafted or damaged."
+                )
+            if tensor.device.type != "meta":
+                self.elements += tensor.numel()
+                if self.elements > self.max_elements:
+                    raise IncompatibleWeightsError(
+                        f"{self.family}: building the model would allocate more than the file holds "
+                        f"({self.elements:,} elements); the checkpoint is crafted or damaged."
+                    )
+
+
+def _state_elements(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state_dict.values())
+
+
+def _meta_probe(load, arch, state_dict, args, kwargs, family: str):
+    """Run ``load`` with every new tensor on the meta device: shapes and keys are compared (strict
+    ``load_state_dict``), nothing is allocated. Returns the meta descriptor."""
+    keys = len(state_dict)
+    budget = _BuildBudget(_MODULES_PER_KEY * keys + _MODULES_EXTRA, 2 * _state_elements(state_dict) + _EXTRA_ELEMENTS,
+                          keys + keys // 8 + _TENSORS_EXTRA, family)
+    _guard_state.probing = True
+    collecting = gc.isenabled()
+    gc.disable()  # thousands of short-lived modules: collection passes over a large heap would dominate
+    try:
+        with warnings.catch_warnings(), torch.device("meta"), budget:
+            warnings.simplefilter("ignore")  # "copying from a non-meta parameter ... is a no-op"
+            return load(arch, dict(state_dict), *args, **kwargs)
+    except FlexSRError:
+        raise
+    except TypeError as e:
+        if "unexpected keyword" in str(e) or "positional argument" in str(e):
+            raise
+        raise _incompatible(family, e) from e
+    except (RuntimeError, KeyError, IndexError, ValueError, AssertionError, ArithmeticError,
+            NotImplementedError, AttributeError) as e:
+        raise _incompatible(family, e) from e
+    finally:
+        _guard_state.probing = False
+        if collecting:
+            gc.enable()
+
+
+def _incompatible(family: str, e: Exception) -> IncompatibleWeightsError:
+    return IncompatibleWeightsError(
+        f"The weights do not fit the {family} architecture read from their keys and shapes "
+        f"({type(e).__name__}: {_short(e, 600)}). The file may be damaged or from an incompatible variant."
+    )
+
+
+def _check_probe(probe, state_dict: Mapping[str, torch.Tensor], family: str) -> None:
+    model = getattr(probe, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return
+    own = _state_elements(state_dict)
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    if total > 2 * own + _EXTRA_ELEMENTS:
+        raise IncompatibleWeightsError(
+            f"{family}: the model read from the keys holds {total:,} elements, the file only {own:,}; "
+            f"the checkpoint is crafted or damaged."
+        )
+    expected = model.state_dict()
+    wrong = [
+        f"'{k}' ({state_dict[k].dtype})"
+        for k, t in expected.items()
+        if k in state_dict and t.is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if wrong:
+        raise DamagedWeightsError(
+            f"{family}: {', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''} hold integer or bool values "
+            f"where the model has floating-point weights; the weights are damaged."
+        )
 
 
 def _build_registry() -> ArchRegistry:
@@ -152,38 +405,203 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        kind = _sniff(path)
+        what = f"it is {kind}, not a .safetensors file" if kind else "truncated or corrupt"
         raise CorruptCheckpointError(
-            f"'{path.name}' is not a readable .safetensors file (truncated or corrupt): {e}"
+            f"'{path.name}' is not a readable .safetensors file ({what}): {_clean(str(e), 300)}"
         ) from e
+
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_WO_ADVICE = re.compile(r"(weights_only|add_safe_globals|safe_globals|allowlist|re-running|trust)", re.I)
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    """``text`` on one line without escape codes, control characters or torch's weights_only advice."""
+    text = _CONTROL.sub(" ", _ANSI.sub("", text))
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    text = " ".join(s for s in sentences if not _WO_ADVICE.search(s)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sniff(path: Path) -> str:
+    """What a file that is not the checkpoint it claims to be actually is ("" when unknown)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return ""
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "a GIF image"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a .safetensors file (rename it to .safetensors)"
+    if head.startswith((b"<", b"{", b"[")) or all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return ""
+
+
+def _pickle_bytes(path: Path) -> bytes | None:
+    """The pickle of a torch checkpoint: ``*/data.pkl`` of the zip format, else the file's start."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None or z.getinfo(name).file_size > 256 << 20:
+                    return None
+                return z.read(name)
+        with open(path, "rb") as f:
+            return f.read(64 << 20)
+    except Exception:  # a damaged zip: the caller says so
+        return None
+
+
+def pickle_imports(data: bytes, max_pickles: int = 6) -> list[str] | None:
+    """The names the pickles at the start of ``data`` import, or None when ``data`` does not start
+    with a complete pickle (random bytes, an image, a truncated file). Reads opcodes only; runs nothing.
+
+    Consecutive pickles are read too (torch's legacy format is several: magic number, protocol,
+    system info, then the data).
+    """
+    names: list[str] = []
+    pos = 0
+    for i in range(max_pickles):
+        found = _one_pickle(data, pos, names)
+        if found is None:
+            return names if i else None
+        pos = found
+        if pos >= len(data):
+            break
+    return names
+
+
+def _one_pickle(data: bytes, start: int, names: list[str]) -> int | None:
+    """Scan the pickle at ``start``; add its imports to ``names``; return where it ends (None: not a pickle)."""
+    strings: list[str] = []
+    found: list[str] = []
+    try:
+        stream = io.BytesIO(data)
+        stream.seek(start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoding random STRING operands warns about escapes
+            ops = list(pickletools.genops(stream))  # stops at the first STOP; positions are absolute
+    except Exception:
+        return None
+    for op, arg, pos in ops:
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                       "BINSTRING", "SHORT_BINSTRING"):
+            strings.append(str(arg))
+        elif op.name in ("GLOBAL", "INST"):
+            found.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
+        elif op.name in ("EXT1", "EXT2", "EXT4"):
+            found.append(f"<copyreg extension {arg}>")
+        if op.name == "STOP":
+            names.extend(found)
+            return pos + 1
+    return None
+
+
+def _allowed_globals() -> set[str]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = set(_get_allowed_globals())
+    allowed |= {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}"
+                for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)}
+    return allowed
 
 
 def _read_torch_pickle(path: Path) -> object:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "GLOBAL" in msg or "Unsupported operand" in msg:
-            raise UnsafeCheckpointError(
-                f"Refused to load '{path.name}': it is a pickle that imports objects beyond plain tensors "
-                f"(it could run code). Nothing from it was executed. Only load it if you trust its source, "
-                f"and convert it to .safetensors. Detail: {msg.splitlines()[0] if msg else ''}"
-            ) from e
-        raise CorruptCheckpointError(f"'{path.name}' is not a valid PyTorch checkpoint: {msg[:300]}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for the user
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # the weights-only unpickler fails in many ways on damaged or foreign files
-        raise CorruptCheckpointError(
-            f"'{path.name}' is truncated or is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:300]})."
-        ) from e
+        error = e
+    # Diagnose from the opcodes: only a complete pickle that imports names torch refuses is unsafe.
+    data = _pickle_bytes(path)
+    names = pickle_imports(data) if data is not None else None
+    if names is not None:
+        allowed = _allowed_globals()
+        foreign = [n for n in dict.fromkeys(names) if n not in allowed]
+        refused = re.search(r"GLOBAL ((?:\w+\.)+\w+)\b", str(error))  # torch names what it refused to import
+        if not foreign and names and refused and refused[1] not in allowed:
+            foreign = [refused[1]]  # (a name our opcode scan read from the memo differently)
+        if foreign:
+            shown = ", ".join(_clean(n, 80) for n in foreign[:5]) + (" …" if len(foreign) > 5 else "")
+            raise UnsafeCheckpointError(
+                f"Refused to load '{path.name}': it is a pickle that imports {shown}, which is more than "
+                f"tensors (unpickling it could run code). Nothing from it was executed. Ask its author for "
+                f"a .safetensors file."
+            ) from None
+    kind = _sniff(path) if names is None else ""
+    if names is None:
+        reason = f"it is {kind}" if kind else "it is not a PyTorch checkpoint or it is truncated or damaged"
+    else:
+        reason = "its pickle is damaged"
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = _clean(text).removeprefix("Weights only load failed.").strip()
+    raise CorruptCheckpointError(
+        f"'{path.name}' cannot be read: {reason}" + (f" ({detail})." if detail and not kind else ".")
+    ) from None
+
+
+#: Containers of a state dict, most preferred first (EMA weights over raw ones).
+CONTAINER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net_g",
+                  "net", "generator")
+PREFIXES = ("module.", "_orig_mod.", "netG.")
+
+
+def _holds_tensors(value: object) -> bool:
+    return isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def canonical_state_dict(raw: object, source: str = "state dict") -> StateDict:
-    """Unwrap the usual containers (``params_ema`` > ``params``, ``state_dict``, ``model``, ``module.``)."""
-    if not isinstance(raw, Mapping):
-        raise CorruptCheckpointError(f"{source} holds a {type(raw).__name__}, not a dict of tensors.")
-    sd = canonicalize_state_dict(dict(raw))
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
+    """The state dict inside the usual containers, with wrapper prefixes removed.
+
+    Containers, first found wins: ``params_ema`` > ``params`` > ``state_dict`` / ``model`` / ``net_g``
+    (other entries beside them, such as ``iter`` or ``optimizer``, are ignored); a dict with a single
+    dict inside is unwrapped. ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes
+    shared by all keys are stripped. Non-string keys and non-tensor entries in the state dict itself
+    are errors naming them.
+    """
+    for _ in range(4):
+        if not isinstance(raw, Mapping):
+            raise CorruptCheckpointError(f"{source} holds a {type(raw).__name__}, not a dict of tensors.")
+        bad = [repr(k)[:60] for k in raw if not isinstance(k, str)]
+        if bad:
+            raise CorruptCheckpointError(
+                f"{source}: {len(bad)} key(s) are not strings ({', '.join(bad[:5])}); a state dict maps "
+                f"parameter names to tensors. The file is damaged or not a model checkpoint."
+            )
+        inner = next((raw[k] for k in CONTAINER_KEYS if k in raw and _holds_tensors(raw[k])), None)
+        if inner is None and len(raw) == 1 and isinstance(next(iter(raw.values())), Mapping):
+            inner = next(iter(raw.values()))
+        if inner is None:
+            break
+        raw = inner
+    sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not sd:
         raise CorruptCheckpointError(f"{source} contains no tensors; it is not a model checkpoint.")
-    return tensors
+    stripped = True
+    while stripped and sd:
+        stripped = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
+    return sd
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +627,8 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], **options
     if arch is None:
         raise UnsupportedModelError(_unknown_message(name, state_dict))
     spec = arch.architecture
+    if not isinstance(spec, FlexSRArchitecture):  # FlexSR's families check in their own (guarded) load
+        check_state_dict(state_dict, name)
     accepted = getattr(spec, "load_options", ())
     if set(options) - set(accepted):
         raise TypeError(
@@ -220,8 +640,10 @@ def load_model(source: str | os.PathLike | Mapping[str, torch.Tensor], **options
         options = {**hints, **options}
     try:
         descriptor = spec.load(dict(state_dict), **options)
-    except IncompatibleWeightsError:
-        raise
+    except FlexSRError as e:
+        if str(e).startswith(name):
+            raise
+        raise type(e)(f"{name}: {e}") from e
     except (RuntimeError, KeyError, IndexError, ValueError, TypeError, AssertionError) as e:
         raise IncompatibleWeightsError(
             f"{name} looks like a {arch.architecture.name} checkpoint, but its weights do not fit that "

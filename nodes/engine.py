@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..archs.errors import BadImageError, FlexSRError
+from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
 from . import host
 from .blend import write_tile
 from .channels import ALPHA_MODES, Job, plan_channels
@@ -368,6 +368,14 @@ class TileRunner:
             self.dtype = torch.float32
             self.report.precision = "fp32"
             y = self._forward(x)
+        if not bool(torch.isfinite(y).all()):  # inputs are finite (check_image): the model produced NaN/Inf
+            m = self.model
+            arch = getattr(getattr(m, "architecture", None), "name", type(m).__name__)
+            name = getattr(m, "flexsr_source", None) or f"{arch} ×{getattr(m, 'scale', '?')}"
+            raise NonFiniteOutputError(
+                f"The model {name} turned a finite image into NaN/Inf values (in {NAMES.get(self.dtype)}); "
+                f"its weights are probably damaged. Nothing was returned."
+            )
         return y
 
     def _forward(self, x: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import re
@@ -25,6 +26,14 @@ META_FUSED = "flexsr.fused"
 META_CHANNELS = "flexsr.channels"
 SAFETENSORS = ".safetensors"
 _NAME = re.compile(r"^[\w\-+()\[\],. ]+$")
+#: Names Windows reserves for devices, with any extension and in any case (a pack saved on Linux is
+#: opened on Windows).
+RESERVED = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"]
+    + [f"{d}{i}" for d in ("COM", "LPT") for i in list("123456789") + ["\u00b9", "\u00b2", "\u00b3", "0"]]
+)
+#: Longest file name (bytes, UTF-8) common file systems accept.
+MAX_NAME_BYTES = 255
 
 
 class InvalidNameError(FlexSRError, ValueError):
@@ -35,9 +44,14 @@ class ModelExistsError(FlexSRError, FileExistsError):
     """Saving would replace an existing file and overwriting was not asked for."""
 
 
+class ModelSaveError(FlexSRError, OSError):
+    """The file system refused to write the model (permissions, full disk, a directory in the way)."""
+
+
 def load(path: str | os.PathLike) -> ImageModelDescriptor:
     """``archs.load_model`` plus FlexSR's own metadata: a model saved fused is fused again."""
     model = load_model(path)
+    model.flexsr_source = Path(path).name  # named in errors (the engine's NaN/Inf check)
     if str(path).lower().endswith(SAFETENSORS) and read_metadata(path).get(META_FUSED) == "1":
         fuse(model)
     return model
@@ -131,8 +145,22 @@ def check_name(name: str) -> str:
         raise InvalidNameError(
             f"'{name}' has characters a file name should not have; use letters, digits, spaces and - _ + ( ) [ ] , ."
         )
+    name = name.rstrip(". ")  # Windows drops trailing dots and spaces; 'name.' must not become 'name..safetensors'
+    if not name:
+        raise InvalidNameError("Give the model a file name, e.g. 'my_model'.")
     if not name.lower().endswith(SAFETENSORS):
         name += SAFETENSORS
+    base = name.split(".")[0].rstrip(" ").upper()
+    if base in RESERVED:
+        raise InvalidNameError(
+            f"'{name}' starts with '{name.split('.')[0]}', a device name Windows reserves (CON, PRN, AUX, NUL, "
+            f"COM1-9, LPT1-9), so the file could not be opened there; choose another name."
+        )
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise InvalidNameError(
+            f"The name is {len(name.encode('utf-8'))} bytes long with its extension; file systems accept at most "
+            f"{MAX_NAME_BYTES}. Choose a shorter name."
+        )
     return name
 
 
@@ -149,6 +177,10 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
     filename = check_name(name)
     folder = Path(folder) if folder is not None else host.model_folders()[0]
     target = folder / filename
+    if target.is_dir() or (target.is_symlink() and not target.exists()):
+        raise ModelExistsError(
+            f"'{target}' is a {'directory' if target.is_dir() else 'broken link'}; choose another name."
+        )
     if target.exists() and not overwrite:
         raise ModelExistsError(f"'{target}' already exists; choose another name or turn on overwrite.")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.model.state_dict().items()}
@@ -160,21 +192,50 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
         META_CHANNELS: f"{model.input_channels}->{model.output_channels}",
         META_FUSED: "1" if fusable and all(m.fused for m in fusable) else "0",
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".flexsr-", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a model file is an ordinary file
         if overwrite:
             os.replace(tmp, target)
         else:
             _publish_new(Path(tmp), target)
+    except FlexSRError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+            raise InvalidNameError(f"The file system refuses the name '{filename}': {e.strerror}.") from None
+        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+            raise ModelExistsError(f"Cannot write '{target}': {e.strerror}; choose another name.") from None
+        raise ModelSaveError(f"Could not save '{target}': {e.strerror or e}. Nothing was written.") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     log.info("FlexSR: saved %s", target)
     return target
+
+
+TEMP_PREFIX = ".flexsr-"
+#: A temporary file older than this is a leftover of a save that was killed; newer ones may be live.
+STALE_SECONDS = 3600
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete leftovers of saves killed mid-write (``.flexsr-*.tmp`` untouched for an hour)."""
+    import time
+
+    now = time.time()
+    for leftover in folder.glob(TEMP_PREFIX + "*.tmp"):
+        try:
+            if leftover.is_file() and not leftover.is_symlink() and now - leftover.stat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+                log.info("FlexSR: removed %s, left by an interrupted save", leftover.name)
+        except OSError:
+            pass
 
 
 def _umask() -> int:

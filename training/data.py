@@ -38,12 +38,12 @@ class DatasetError(BadImageError):
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``[H, W, 3]`` uint8 RGB (alpha composited over white, 16-bit scaled)."""
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB (alpha composited over white, 16-bit modes scaled by 65535)."""
     with Image.open(path) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0 if arr.max() > 255 else 255.0
+            peak = 65535.0  # by the mode, never by the values: a dark 16-bit image must stay dark
             im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the pack root replaces training/ on sys.path
-    import os
-
     _here = os.path.dirname(os.path.abspath(__file__))
     _root = os.path.dirname(_here)
     if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == os.path.realpath(_here):
@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     o = ap.add_argument_group("output")
     o.add_argument("--out", metavar="DIR", help="everything a run writes: checkpoint.pt, metrics.jsonl, train.log, "
                    "tensorboard/, <name>.safetensors, <name>_samples.png, summary.json (default: runs/<name>)")
-    o.add_argument("--name", help="name of the exported model (default: <arch>_x<scale>)")
+    o.add_argument("--name", help="name of the exported model, a plain file name (default: <arch>_x<scale> when "
+                   "--scale is given, else <arch>; with --pretrained the file's stem in place of <arch>; the "
+                   f"embedded default run: {DEFAULT_NAME})")
+    o.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out, replacing the "
+                   "previous run's checkpoint, log, metrics and model (without it a non-empty --out needs --resume)")
     o.add_argument("--save-every", type=int, default=500, metavar="N", help="write checkpoint.pt every N steps "
                    "(atomically) and at the end")
     o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT "
@@ -249,9 +253,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if uses_default_run(argv):
         argv = [*DEFAULT_ARGS, *argv]  # the embedded default, with whatever was given on top
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.arch and args.pretrained:
-        build_parser().error("give --arch or --pretrained, not both")
+        parser.error("give --arch or --pretrained, not both")
     if not args.arch and not args.pretrained:
         args.arch = DEFAULT_ARCH
         if args.arch_args is None:
@@ -267,17 +272,120 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workers = 4 if torch.cuda.is_available() and args.device != "cpu" else 0
     if args.milestones is None:
         args.milestones = [int(args.steps * f) for f in (0.5, 0.75, 0.9)]
+    validate_args(parser, args)
     args.command = ["python", "training/finetune.py", *argv]
     return args
 
 
+#: Device names Windows reserves (a run's files are often copied there).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(10))}
+_PLAIN_NAME = re.compile(r"[\w\-+()\[\],. ]+")
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag checked before anything runs: a bad value is argparse's ``error:`` line and exit code 2."""
+    import math
+
+    def fail(flag: str, value, why: str) -> None:
+        parser.error(f"argument {flag}: invalid value {value!r}: {why}")
+
+    for name, value in vars(args).items():  # NaN / inf slip through argparse's float()
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                fail("--" + name.replace("_", "-"), v, "must be a finite number")
+
+    at_least = {
+        "steps": 1, "batch_size": 1, "patch_size": 4, "val_every": 0, "save_every": 0, "log_every": 0,
+        "threads": 0, "workers": 0, "cache_mb": 0, "val_crop": 0, "val_max_images": 0, "freeze_body_steps": 0,
+        "lr_warmup": 0, "synthetic_count": 1, "synthetic_val_count": 1, "synthetic_size": 8, "synthetic_val_size": 8,
+        "seed": 0, "jpeg": 0, "blur": 0.0, "noise": 0.0, "weight_decay": 0.0, "clip_grad": 0.0, "min_lr": 0.0,
+        "gan_weight": 0.0, "time_budget": 0.0, "time_limit": 0.0,
+    }
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            fail("--" + name.replace("_", "-"), value, f"must be at least {low}")
+    for name in ("l1_warmup", "gan_start"):  # None = the default; a negative value means the same
+        value = getattr(args, name, None)
+        if value is not None and value < -1:
+            fail("--" + name.replace("_", "-"), value, "must be at least 0")
+    positive = ("lr", "gan_lr", "gamma")
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            fail("--" + name.replace("_", "-"), value, "must be greater than 0")
+    for name in ("blur_prob", "noise_prob", "jpeg_prob", "edge_weight"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 1:
+            fail("--" + name.replace("_", "-"), value, "must be between 0 and 1")
+    if not 0 <= args.ema < 1:
+        fail("--ema", args.ema, "the EMA decay must be in [0, 1) (0 = off)")
+    if any(not 0 <= b < 1 for b in args.betas):
+        fail("--betas", list(args.betas), "AdamW betas must be in [0, 1)")
+    if args.jpeg and not 1 <= args.jpeg <= 95:
+        fail("--jpeg", args.jpeg, "the lowest JPEG quality must be 1..95 (0 = off)")
+    if args.scale is not None and not 1 <= args.scale <= 16:
+        fail("--scale", args.scale, "the upscale factor must be 1..16")
+    if args.scale is not None and args.patch_size % args.scale:
+        fail("--patch-size", args.patch_size, f"must be a multiple of --scale {args.scale}")
+    if any(m < 0 for m in args.milestones):
+        fail("--milestones", args.milestones, "steps must be at least 0")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(args.device)):
+        fail("--device", args.device, "use auto, cpu, cuda or cuda:N")
+
+    name = args.name
+    if (not _PLAIN_NAME.fullmatch(name) or ".." in name or name.startswith(".") or name != name.strip()
+            or name.split(".")[0].rstrip(" ").upper() in _RESERVED or len(name.encode()) > 200):
+        fail("--name", name, "must be a plain file name (letters, digits, spaces, - _ + ( ) [ ] , .; no path "
+             "separators, no '..', not a reserved device name such as CON or NUL, at most 200 bytes)")
+
+    for flag, value in (("--pretrained", args.pretrained),):
+        if value and not Path(value).is_file():
+            fail(flag, value, "no such file")
+    for folder in args.data or []:
+        if not Path(folder).is_dir():
+            fail("--data", folder, "no such folder")
+    if args.val and not Path(args.val).is_dir():
+        fail("--val", args.val, "no such folder")
+    if args.resume not in (None, "auto") and not Path(args.resume).exists():
+        from training.checkpoint import previous_path
+
+        if not previous_path(args.resume).exists():
+            fail("--resume", args.resume, "no such checkpoint")
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail("--out", args.out, "exists and is not a folder")
+    if args.resume and args.overwrite:
+        parser.error("give --resume or --overwrite, not both")
+
+
+def check_out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A run must not silently replace another: a non-empty --out needs --resume or --overwrite.
+
+    Checked when a run starts (``main``), not by ``parse_args``, which tools also call to read defaults.
+    """
+    out = Path(args.out)
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 decides (the others start later)
+    if first_rank and out.is_dir() and any(out.iterdir()) and not args.resume and not args.overwrite:
+        parser.error(f"argument --out: invalid value {args.out!r}: the folder is not empty (a previous run?); pass "
+                     f"--resume to continue it or --overwrite to replace it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_out_folder(build_parser(), args)
     _setup_console_logging()
     if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
         log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
     from training.loop import train
 
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        from training.checkpoint import clear_previous_run
+
+        for p in clear_previous_run(args.out):
+            log.info("--overwrite: removed the previous run's %s", p.name)
     try:
         summary = train(args)
     except (FlexSRError, ValueError, FileNotFoundError) as e:

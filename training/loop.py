@@ -26,7 +26,8 @@ from torch import nn
 import archs
 
 from . import distributed as D
-from .checkpoint import load_checkpoint, read_jsonl, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
+from .checkpoint import (read_jsonl, remove_stale_temporaries, resumable_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, truncate_jsonl)
 from .data import PatchSampler, StepBatches, scan_folders, val_pairs_from_arrays, val_pairs_from_folder, ImageSet
 from .degradations import Degradation
 from .discriminators import make_discriminator
@@ -429,6 +430,7 @@ def train(args) -> dict:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         handler = _setup_file_logging(out)
+        remove_stale_temporaries(out)  # full-size leftovers of a run killed mid-write
     else:
         log.setLevel(logging.WARNING)
     try:
@@ -486,8 +488,10 @@ def _train(args, dist: D.DistInfo, out: Path) -> dict:
     ckpt_path = out / CHECKPOINT_NAME
     if args.resume:
         path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        if path.exists():
-            start = restore(run, load_checkpoint(path, map_location=dist.device))
+        found = resumable_checkpoint(path, map_location=dist.device)  # falls back to checkpoint.prev.pt
+        if found is not None:
+            state, path = found
+            start = restore(run, state)
             if dist.is_main:
                 kept = truncate_jsonl(metrics.path, start)
                 log.info("Resumed from %s at step %d (%d metric records kept).", path, start, kept)
