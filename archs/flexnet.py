@@ -72,7 +72,21 @@ class ConvBlock(nn.Module):
         self.conv11 = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if inference_path(self) and x.is_contiguous(memory_format=torch.channels_last):
+            return self._infer(x)
         return self.block(x) + self.conv11(x)
+
+    def _infer(self, x: Tensor) -> Tensor:
+        """Channels-last inference: Mish in place, the 1x1 branch as a matmul added in place."""
+        conv1, _, conv2, _ = self.block
+        y = F.mish(conv2(F.mish(conv1(x), inplace=True)), inplace=True)
+        if not y.is_contiguous(memory_format=torch.channels_last):
+            return y + self.conv11(x)
+        b, c, h, w = x.shape
+        tokens = y.permute(0, 2, 3, 1).view(-1, y.shape[1])
+        weight = self.conv11.weight.view(y.shape[1], c)
+        tokens.add_(F.linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight, self.conv11.bias))
+        return y
 
 
 class WindowAttention(nn.Module):
@@ -134,17 +148,33 @@ class WindowAttention(nn.Module):
                      self.qkv.weight[2 * c :].contiguous(), self.qkv.bias[2 * c :].contiguous(),
                      (self.proj.weight * gamma[:, None]).contiguous(), (self.proj.bias * gamma).contiguous()),
         )
-        windows = s.permute(0, 2, 3, 1).reshape(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(-1, c)
-        qk = F.linear(windows, wqk, bqk)  # [n*t, 2C]
-        v = F.linear(windows, wv, bv).view(-1, t, c)
-        n = v.shape[0]
-        q, k = qk[:, :c].view(n, t, c), qk[:, c:].view(n, t, c)
-        lepe = self.get_v(v.view(n, ws, ws, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, t, c)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).add_(lepe)
-        if self.flash_attn:
-            out = out.transpose(1, 2).reshape(n, t, c)
-        out = F.linear(out.view(-1, c), wp, bp)
-        x.view(b, nh, ws, nw, ws, c).add_(out.view(b, nh, nw, ws, ws, c).transpose(2, 3))
+        image, residual = s.permute(0, 2, 3, 1), x.view(b, nh, ws, nw, ws, c)
+        step = max(1, FFN_CHUNK // (ws * w))  # rows of windows per slice, so a slice's activations stay in cache
+        for i in range(0, nh, step):
+            rows = min(step, nh - i)
+            windows = image[:, i * ws : (i + rows) * ws].reshape(b, rows, ws, nw, ws, c).transpose(2, 3).reshape(-1, c)
+            qk = F.linear(windows, wqk, bqk)  # [n*t, 2C]
+            v = F.linear(windows, wv, bv).view(-1, t, c)
+            n = v.shape[0]
+            q, k = qk[:, :c].view(n, t, c), qk[:, c:].view(n, t, c)
+            lepe = self.get_v(v.view(n, ws, ws, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, t, c)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).add_(lepe)
+            if self.flash_attn:
+                out = out.transpose(1, 2).reshape(n, t, c)
+            out = F.linear(out.view(-1, c), wp, bp)
+            residual[:, i : i + rows].add_(out.view(b, rows, nw, ws, ws, c).transpose(2, 3))
+
+
+def _rms_normalize(x: Tensor, eps: float | None) -> Tensor:
+    """``F.rms_norm(x, (C,), None, eps)`` over the last dim, from one vector norm (fewer passes; same to ~1e-7)."""
+    c = x.shape[-1]
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return x * scale.square_().mul_(1.0 / c).add_(eps).rsqrt_().to(x.dtype)
+
+
+#: Inference: tokens per slice of ChannelMix's pointwise part, so its 4x-wide activations stay in cache.
+FFN_CHUNK = 4096
 
 
 class ChannelMix(nn.Module):
@@ -180,11 +210,14 @@ class ChannelMix(nn.Module):
             lambda: (self.value.weight * gamma[:, None] * (norm.weight[None, :] if norm is not None else 1)).contiguous(),
         )
         tokens = s.permute(0, 2, 3, 1).reshape(-1, c)  # a view when s is channels-last
-        k = F.linear(tokens, self.key.weight).relu_().square_()
-        if norm is not None:
-            k = F.rms_norm(k, norm.normalized_shape, None, norm.eps)
-        r = F.linear(tokens, self.receptance.weight).sigmoid_()
-        x.view(-1, c).addcmul_(r, F.linear(k, wv))
+        out = x.view(-1, c)
+        for i in range(0, tokens.shape[0], FFN_CHUNK):
+            t = tokens[i : i + FFN_CHUNK]
+            k = F.linear(t, self.key.weight).relu_().square_()
+            if norm is not None:
+                k = F.rms_norm(k, norm.normalized_shape, None, norm.eps)
+            r = F.linear(t, self.receptance.weight).sigmoid_()
+            out[i : i + FFN_CHUNK].addcmul_(r, F.linear(k, wv))
 
 
 class TransformerBlock(nn.Module):
@@ -223,7 +256,7 @@ class TransformerBlock(nn.Module):
         b, _, c = x.shape
         for norm, mixer, gamma in ((self.rn1, self.att, self.gamma1), (self.rn2, self.ffn, self.gamma2)):
             kernel = mixer.omni_shift.inference_kernel(norm.weight)
-            normed = F.rms_norm(x, norm.normalized_shape, None, norm.eps)
+            normed = _rms_normalize(x, norm.eps)
             shifted = F.conv2d(normed.view(b, h, w, c).permute(0, 3, 1, 2), kernel, padding=2, groups=c)
             mixer.add_to_(x, shifted, gamma)
 
