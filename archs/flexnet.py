@@ -79,7 +79,7 @@ class ConvBlock(nn.Module):
     def _infer(self, x: Tensor) -> Tensor:
         """Channels-last inference: Mish in place, the 1x1 branch as a matmul added in place."""
         conv1, _, conv2, _ = self.block
-        y = F.mish(conv2(F.mish(conv1(x), inplace=True)), inplace=True)
+        y = _mish_(conv2(_mish_(conv1(x))))
         if not y.is_contiguous(memory_format=torch.channels_last):
             return y + self.conv11(x)
         b, c, h, w = x.shape
@@ -158,11 +158,21 @@ class WindowAttention(nn.Module):
             n = v.shape[0]
             q, k = qk[:, :c].view(n, t, c), qk[:, c:].view(n, t, c)
             lepe = self.get_v(v.view(n, ws, ws, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, t, c)
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).add_(lepe)
+            # softmax(q k^T * scale) v + lepe: batched matmuls beat SDPA's CPU kernel on 64-token windows
+            scores = torch.baddbmm(torch.empty((), dtype=q.dtype, device=q.device), q, k.transpose(1, 2),
+                                   beta=0.0, alpha=self.scale)
+            out = torch.baddbmm(lepe, scores.softmax(-1), v)
             if self.flash_attn:
                 out = out.transpose(1, 2).reshape(n, t, c)
             out = F.linear(out.view(-1, c), wp, bp)
             residual[:, i : i + rows].add_(out.view(b, rows, nw, ws, ws, c).transpose(2, 3))
+
+
+def _mish_(x: Tensor) -> Tensor:
+    """Mish in place, ``x * tanh(softplus(x)) = x - 2x / ((e^x + 1)^2 + 1)``: one exp (twice as fast as
+    ``F.mish`` here; same to ~1e-6). Above 20, mish(x) = x in float32 (e^x is clamped to keep it finite)."""
+    u = x.clamp(max=20.0).exp_().add_(1).square_().add_(1)
+    return x.addcdiv_(x, u, value=-2)
 
 
 def _rms_normalize(x: Tensor, eps: float | None) -> Tensor:
@@ -174,7 +184,7 @@ def _rms_normalize(x: Tensor, eps: float | None) -> Tensor:
 
 
 #: Inference: tokens per slice of ChannelMix's pointwise part, so its 4x-wide activations stay in cache.
-FFN_CHUNK = 4096
+FFN_CHUNK = 8192
 
 
 class ChannelMix(nn.Module):
