@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -49,9 +50,11 @@ MIN_TILE = 32
 #: CPU working-set cap: larger tiles do not run faster on a CPU, they only take memory.
 CPU_WORKSET = 2 << 30
 MAX_BATCH = 16
-#: CPU: pixels per model call (tile windows x batch). Larger calls are slower per pixel on a CPU
-#: (measured with Compact and FlexNet: windows of ~450 px beat both 1024 px and 192 px).
-CPU_CALL_PIXELS = 448 * 448
+#: CPU: an image that fits the working-set budget runs as one call (tiles only add context work there;
+#: measured with bench/bench_tiling.py). One that does not is tiled with a working set of this share of
+#: the pass's input + output bytes (at least CPU_TILED_FLOOR), so peak memory stays near input + output.
+CPU_TILED_SHARE = 0.4
+CPU_TILED_FLOOR = 256 << 20
 _ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
 
 
@@ -182,15 +185,12 @@ def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
     return int(elem * width * (12 + 2 * s2) + 4 * model.output_channels * s2 * 3)
 
 
+_BPP_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _cache(model) -> dict:
-    cache = getattr(model, "_flexsr_bpp", None)
-    if not isinstance(cache, dict):
-        cache = {}
-        try:
-            model._flexsr_bpp = cache
-        except AttributeError:
-            pass
-    return cache
+    """Measured costs of ``model``'s network, kept as long as the network lives (whatever wraps it)."""
+    return _BPP_CACHE.setdefault(model.model, {})
 
 
 @torch.inference_mode()
@@ -242,10 +242,12 @@ def measure_bytes_per_pixel(model, dtype: torch.dtype, device: torch.device, sid
 
 
 def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layout,
-                  probe: bool = True) -> tuple[float, int]:
+                  probe: bool = True, pixels: int = 0) -> tuple[float, int]:
     """(bytes the tiles may use, bytes per input pixel of a model call) on ``device``.
 
-    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`), else estimated.
+    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`, once per network,
+    dtype and device), else estimated; on a CPU no probe runs when ``pixels`` (the whole image) fit the
+    budget even at the generous static estimate.
     """
     if device.type == "cuda":
         budget = host.free_memory(device) * 0.8
@@ -253,10 +255,11 @@ def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layou
             budget -= model_bytes(model)
     else:
         budget = min(host.available_ram() * 0.4, CPU_WORKSET)
+    estimate = estimate_bytes_per_pixel(model, dtype)
+    if device.type == "cpu" and pixels and pixels * estimate <= budget:
+        probe = False
     side = max(layout.align, 64 // layout.align * layout.align)
-    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate_bytes_per_pixel(
-        model, dtype
-    )
+    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate
     return max(budget, 0.0), max(bpp, 1)
 
 
@@ -589,10 +592,12 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
 
     layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
     auto = not (tile_size and tile_size > 0)
-    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto)
-    call_cap = CPU_CALL_PIXELS if device.type == "cpu" else None
-    tile = auto_tile(budget, bpp, layout, h, w, b, call_cap) if auto else tile_size
-    batch = auto_batch(budget, bpp, layout, tile, h, w, call_cap)
+    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto, pixels=h * w)
+    if device.type == "cpu" and h * w * bpp > budget:  # tiled: keep the working set small beside the output
+        io_bytes = b * h * w * c * 4 * (1 + s * s)
+        budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes))
+    tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
+    batch = auto_batch(budget, bpp, layout, tile, h, w)
     runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]

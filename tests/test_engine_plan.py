@@ -1,0 +1,60 @@
+"""The engine's automatic plan on a CPU: whole images when they fit, a bounded working set when they do not,
+and the model's measured cost kept once known (no second probe)."""
+
+from __future__ import annotations
+
+import torch
+from spandrel import ImageModelDescriptor
+from spandrel.architectures.Compact import Compact
+
+from packutil import pack  # noqa: F401  (session fixture)
+
+
+class Counting(torch.nn.Module):
+    """Wraps a model and records the input shape of every call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.inner(x)
+
+
+def counting_model(pack, scale=2):
+    base = pack.archs.load_model(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale).state_dict())
+    module = Counting(base.model)
+    model = ImageModelDescriptor(module, module.state_dict(), architecture=base.architecture, purpose=base.purpose,
+                                 tags=[], supports_half=False, supports_bfloat16=False, scale=scale,
+                                 input_channels=3, output_channels=3)
+    return model, module
+
+
+def test_an_image_that_fits_runs_as_one_call_without_a_probe(pack):
+    engine = pack.nodes.engine
+    model, module = counting_model(pack)
+    out, report = engine.upscale_image(model, torch.rand(1, 200, 150, 3), device="cpu")
+    assert out.shape == (1, 400, 300, 3)
+    assert report.tiles == 1 and report.model_calls == 1
+    assert module.shapes == [(1, 3, 200, 150)], "no probe forward and no tiling for an image that fits"
+
+
+def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monkeypatch):
+    engine = pack.nodes.engine
+    monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 20)  # the image does not fit whole
+    monkeypatch.setattr(engine, "CPU_TILED_FLOOR", 4 << 20)
+    model, module = counting_model(pack)
+    image = torch.rand(1, 192, 160, 3)
+    io_bytes = image.numel() * 4 * (1 + 4)
+    _, report = engine.upscale_image(model, image, device="cpu")
+    probes = [s for s in module.shapes[: -report.model_calls]]
+    assert len(probes) == 1 and report.tiles > 1
+    bpp = engine.measure_bytes_per_pixel(model, torch.float32, torch.device("cpu"), probes[0][-1])
+    budget = max(engine.CPU_TILED_FLOOR, engine.CPU_TILED_SHARE * io_bytes)
+    for shape in module.shapes[-report.model_calls :]:
+        assert shape[0] * shape[2] * shape[3] * bpp <= budget
+    module.shapes.clear()
+    _, again = engine.upscale_image(model, image, device="cpu")
+    assert len(module.shapes) == again.model_calls, "the measured cost is cached: no second probe"
