@@ -58,3 +58,29 @@ def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monke
     module.shapes.clear()
     _, again = engine.upscale_image(model, image, device="cpu")
     assert len(module.shapes) == again.model_calls, "the measured cost is cached: no second probe"
+
+
+def test_auto_precision_on_cpu_picks_bf16_only_for_listed_families_with_native_bf16(pack, monkeypatch):
+    engine = pack.nodes.engine
+    cpu = torch.device("cpu")
+    flexnet = pack.archs.load_model(pack.archs.FlexNet(dim=8, num_blocks=(1,)).state_dict())
+    compact, _ = counting_model(pack)
+    compact.supports_bfloat16 = True
+    monkeypatch.setattr(engine, "CPU_BF16_FAMILIES", frozenset({"FlexNet"}))
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.resolve_precision("auto", flexnet, cpu) == torch.bfloat16
+    assert engine.resolve_precision("auto", compact, cpu) == torch.float32
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert engine.resolve_precision("auto", flexnet, cpu) == torch.float32
+    assert engine.resolve_precision("fp32", flexnet, cpu) == torch.float32
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags(pack):
+    engine = pack.nodes.engine
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return
+    if flags:
+        assert engine.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
