@@ -348,6 +348,8 @@ class TileRunner:
         self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
         self.used_batch = 1
         self.channels_last = True
+        #: False while ``dst`` is uninitialised (a one-tile-per-image plan): zeroed before any re-split.
+        self.dst_zeroed = True
 
     @torch.inference_mode()
     def run(self, src: Tensor, dst: Tensor, pre=None, post=None) -> None:
@@ -369,6 +371,10 @@ class TileRunner:
                 out_of_memory = True  # handled below, once the failed call's frames are released
             if out_of_memory:
                 pending = self._shrink(pending, len(group), H, W)
+                if not self.dst_zeroed and len(pending) > len({t.index for t in pending}):
+                    for index in {t.index for t in pending}:  # tiles of these images will crossfade
+                        dst[index].zero_()
+                    self.dst_zeroed = True
                 continue
             for tile, result in zip(group, results):
                 if post is not None:  # the model's output is clamped already (spandrel's call)
@@ -612,11 +618,6 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
             alpha_value = float(a.flatten()[0])
     jobs = plan_channels(c, model.input_channels, model.output_channels, alpha_mode, alpha_value)
     out_c = len({d for j in jobs for d in j.dst})
-    # ComfyUI's layout: models are fed channels-last, so their outputs copy in row by row
-    out = torch.zeros(b, h * s, w * s, out_c, dtype=torch.float32)
-    out_bchw = out.permute(0, 3, 1, 2)
-    src_bchw = image.permute(0, 3, 1, 2)
-
     layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
     auto = not (tile_size and tile_size > 0)
     budget, bpp = memory_budget(model, device, dtype, layout, probe=auto, pixels=h * w)
@@ -625,7 +626,15 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
         budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes))
     tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
     batch = auto_batch(budget, bpp, layout, tile, h, w)
+
+    # ComfyUI's layout: models are fed channels-last, so their outputs copy in row by row. One tile per
+    # image writes every output pixel once: no zero fill then (crossfades accumulate into zeros otherwise).
+    whole = tile >= max(h, w)
+    out = (torch.empty if whole else torch.zeros)(b, h * s, w * s, out_c, dtype=torch.float32)
+    out_bchw = out.permute(0, 3, 1, 2)
+    src_bchw = image.permute(0, 3, 1, 2)
     runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
+    runner.dst_zeroed = not whole
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]
         if job.kind == "fill":

@@ -84,3 +84,33 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags(pack):
         return
     if flags:
         assert engine.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+class FailsAbove(torch.nn.Module):
+    """Raises an out-of-memory error for inputs of more than ``limit`` pixels."""
+
+    def __init__(self, inner: torch.nn.Module, limit: int):
+        super().__init__()
+        self.inner, self.limit = inner, limit
+
+    def forward(self, x):
+        if x.shape[-1] * x.shape[-2] > self.limit:
+            raise torch.OutOfMemoryError("simulated")
+        return self.inner(x)
+
+
+def test_a_whole_image_plan_that_runs_out_of_memory_falls_back_to_clean_tiles(pack):
+    engine = pack.nodes.engine
+    model, module = counting_model(pack)
+    image = torch.rand(2, 96, 80, 3)
+    want, report = engine.upscale_image(model, image, device="cpu")
+    assert report.tiles == 2 and report.model_calls <= 2  # one tile per image: output left unfilled until written
+    flaky = FailsAbove(module.inner, limit=70 * 70)
+    small = ImageModelDescriptor(flaky, flaky.state_dict(), architecture=model.architecture, purpose=model.purpose,
+                                 tags=[], supports_half=False, supports_bfloat16=False, scale=2, input_channels=3,
+                                 output_channels=3)
+    got, report = engine.upscale_image(small, image, device="cpu", overlap=8)
+    assert report.oom_retries >= 1 and report.tiles > 2
+    assert torch.isfinite(got).all()
+    mse = float(((got.double() - want.double()) ** 2).mean())
+    assert mse < 1e-10, mse
