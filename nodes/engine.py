@@ -352,8 +352,12 @@ class TileRunner:
         self.dst_zeroed = True
 
     @torch.inference_mode()
-    def run(self, src: Tensor, dst: Tensor, pre=None, post=None) -> None:
-        """``src`` [B, C, H, W] (any strides, CPU), ``dst`` [B, C', H*s, W*s] zero-filled, written in place."""
+    def run(self, src: Tensor, dst: Tensor, pre=None, post=None, adopt: bool = False) -> Optional[Tensor]:
+        """``src`` [B, C, H, W] (any strides, CPU), ``dst`` [B, C', H*s, W*s] zero-filled, written in place.
+
+        With ``adopt``, a single call on a single whole image whose output already has ``dst``'s shape,
+        dtype, device and a channels-last layout is returned instead of copied into ``dst`` (None otherwise).
+        """
         B, _, H, W = src.shape
         s = self.model.scale
         pending = plan_tiles(B, H, W, self.tile, self.layout)
@@ -376,6 +380,13 @@ class TileRunner:
                         dst[index].zero_()
                     self.dst_zeroed = True
                 continue
+            if adopt and B == 1 and len(pending) == 1 and post is None and results.shape == dst.shape \
+                    and results.dtype == dst.dtype and results.device == dst.device \
+                    and results.is_contiguous(memory_format=torch.channels_last):
+                self.report.tiles += 1
+                self.on_progress(pending[0].core_area)
+                self.report.batch = self.used_batch
+                return results
             for tile, result in zip(group, results):
                 if post is not None:  # the model's output is clamped already (spandrel's call)
                     result = post(result[None])[0].clamp_(0, 1)
@@ -386,6 +397,7 @@ class TileRunner:
             self.used_batch = max(self.used_batch, len(group))
             self.on_progress(sum(t.core_area for t in group))
         self.report.batch = self.used_batch
+        return None
 
     def _take(self, pending: Sequence[Tile]) -> list[Tile]:
         shape = pending[0].window_shape
@@ -393,7 +405,13 @@ class TileRunner:
 
     def _call(self, src: Tensor, group: list[Tile], pre) -> Tensor:
         windows = [src[t.index, :, t.y.lo : t.y.hi, t.x.lo : t.x.hi] for t in group]
-        x = torch.stack(windows).to(self.device, self.model.dtype)
+        if self.device.type == "cpu" and self.channels_last:  # one copy, straight into the layout fed
+            x = torch.empty((len(windows), *windows[0].shape), dtype=self.model.dtype,
+                            memory_format=torch.channels_last)
+            for i, window in enumerate(windows):
+                x[i].copy_(window)
+        else:
+            x = torch.stack(windows).to(self.device, self.model.dtype)
         if pre is not None:
             x = pre(x)
         self.report.model_calls += 1
@@ -645,7 +663,10 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
                 up = F.interpolate(alpha[i : i + 1], size=(h * s, w * s), mode="bicubic", align_corners=False)
                 dst[i].copy_(up[0].clamp_(0, 1))
         else:
-            runner.run(src_bchw[:, _run(job.src)], dst, job.pre, job.post)
+            adopt = whole and len(jobs) == 1 and dst.shape[1] == out_c
+            result = runner.run(src_bchw[:, _run(job.src)], dst, job.pre, job.post, adopt=adopt)
+            if result is not None:  # the model's own output, channels-last: already ComfyUI's layout
+                out = result.permute(0, 2, 3, 1)
     report.tile = runner.tile
     report.precision = NAMES.get(runner.dtype, report.precision)
     return out

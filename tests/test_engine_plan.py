@@ -35,10 +35,16 @@ def counting_model(pack, scale=2):
 def test_an_image_that_fits_runs_as_one_call_without_a_probe(pack):
     engine = pack.nodes.engine
     model, module = counting_model(pack)
-    out, report = engine.upscale_image(model, torch.rand(1, 200, 150, 3), device="cpu")
-    assert out.shape == (1, 400, 300, 3)
+    image = torch.rand(1, 200, 150, 3)
+    out, report = engine.upscale_image(model, image, device="cpu")
+    assert out.shape == (1, 400, 300, 3) and out.is_contiguous()
     assert report.tiles == 1 and report.model_calls == 1
     assert module.shapes == [(1, 3, 200, 150)], "no probe forward and no tiling for an image that fits"
+    with torch.inference_mode():
+        want = model(image.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+    assert (out - want).abs().max() <= 1e-6
+    grey, _ = engine.upscale_image(model, torch.rand(2, 40, 30, 1), device="cpu")  # channel jobs: copied
+    assert grey.shape == (2, 80, 60, 1) and torch.isfinite(grey).all()
 
 
 def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monkeypatch):
