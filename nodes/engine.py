@@ -148,8 +148,10 @@ def model_bytes(model) -> int:
 
 
 #: Families for which "auto" picks bf16 on a CPU with native bf16 (AVX512-BF16 / AMX): those measured
-#: faster than fp32 there with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py).
-CPU_BF16_FAMILIES: frozenset[str] = frozenset()
+#: faster than fp32 there in two runs, with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py,
+#: Set14 crops, one thread): LMLT 1.18-1.31x (50 dB), the DaViT transformer 2.5-3.2x (45-46 dB). Not
+#: FlexNet (2.0x but 43 dB on the default config), EIMN (0.91-1.16x), LAMNet (0.65x).
+CPU_BF16_FAMILIES: frozenset[str] = frozenset({"LMLT", "TransformerSR"})
 
 
 def cpu_has_native_bf16() -> bool:
