@@ -14,6 +14,8 @@ CPU time, see :mod:`bench.common`) times:
 
 Ratios are FlexNet fused against ESRGAN (fused against fused: ESRGAN has nothing to fuse), by CPU time.
 ``--meta`` adds MetaFlexNet (fused) to each run. MACs are FlopCounterMode FLOPs / 2 at the same size.
+``--kept-heap`` runs everything inside ``nodes/heap.py``'s ``kept_heap()``, as the upscale engine runs
+models on a CPU (glibc keeps freed activation memory during the run instead of page-faulting it in again).
 """
 
 from __future__ import annotations
@@ -55,7 +57,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--meta", action="store_true", help="also time MetaFlexNet (fused)")
+    parser.add_argument("--kept-heap", action="store_true", help="run inside the engine's kept_heap() (glibc)")
     args = parser.parse_args(argv)
+    heap = load_heap_module()
+    with heap.kept_heap(args.kept_heap) as kept:
+        run(args, kept)
+
+
+def load_heap_module():
+    """``nodes/heap.py`` on its own (the nodes package needs the pack's relative imports)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flexsr_heap", ROOT / "nodes" / "heap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args, kept: bool) -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
@@ -69,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# FlexNet x4 benchmark; {machine_note()}")
     print(f"# interleaved runs, median of {args.repeats} (after {args.warmup} warm-up round) of process CPU time, "
-          "inference_mode, fp32; GMAC/s = MACs / CPU time; 'limit' = a plain 64->64 3x3 conv in the same run\n")
+          "inference_mode, fp32; GMAC/s = MACs / CPU time; 'limit' = a plain 64->64 3x3 conv in the same run; "
+          f"glibc heap kept during the run (as in the engine): {'yes' if kept else 'no'}\n")
     print_table([[n, human(count_params(m))] for n, m in models.items()], ["model", "params"])
 
     summary = []

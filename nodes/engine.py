@@ -37,6 +37,7 @@ from ..archs.errors import BadImageError, FlexSRError
 from . import host
 from .blend import write_tile
 from .channels import ALPHA_MODES, Job, plan_channels
+from .heap import kept_heap
 from .tiles import Layout, Tile, describe, plan_tiles, resplit
 
 log = logging.getLogger("flexsr")
@@ -611,9 +612,10 @@ def upscale_image(
     try:
         model.to(device)
         current = image
-        for _ in range(passes):
-            current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
-                                check_cancel, tracker)
+        with kept_heap(device.type == "cpu"):  # no page faults between layers; memory handed back after
+            for _ in range(passes):
+                current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
+                                    check_cancel, tracker)
     finally:
         model.to(original_device)
         if device.type == "cuda":

@@ -120,3 +120,16 @@ def test_a_whole_image_plan_that_runs_out_of_memory_falls_back_to_clean_tiles(pa
     assert torch.isfinite(got).all()
     mse = float(((got.double() - want.double()) ** 2).mean())
     assert mse < 1e-10, mse
+
+
+def test_kept_heap_nests_and_is_released(pack):
+    heap = pack.nodes.heap
+    with heap.kept_heap() as outer:
+        assert outer == heap.available()
+        with heap.kept_heap() as inner:
+            assert inner == outer and heap._depth == (2 if outer else 0)
+            block = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # a large block from the heap
+            del block
+    assert heap._depth == 0
+    with heap.kept_heap(enabled=False) as off:
+        assert off is False
