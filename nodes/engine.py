@@ -612,7 +612,7 @@ def upscale_image(
     try:
         model.to(device)
         current = image
-        with kept_heap(device.type == "cpu"):  # no page faults between layers; memory handed back after
+        with kept_heap(device.type == "cpu"):  # fewer page faults between layers; memory handed back after
             for _ in range(passes):
                 current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
                                     check_cancel, tracker)

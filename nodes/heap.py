@@ -1,11 +1,13 @@
 """glibc heap tuning for CPU upscales: keep freed memory for reuse during a run, hand it back after.
 
 Between a model's layers glibc returns freed activation memory to the OS (trimming the heap top, or
-unmapping large blocks) and the next layer page-faults it in again: at one thread, FlexNet x4 on a 128²
-tile spends 15-25% of its CPU time on those page faults (~200k per forward; bench/bench_flexnet.py
-``--kept-heap`` measures it). :func:`kept_heap` raises glibc's trim and mmap thresholds for the duration of
-a run and calls ``malloc_trim(0)`` at its end, so the process's memory after a run is what it was
-without this. Anywhere else (macOS, Windows, musl) it does nothing. No imports from the pack: the
+unmapping large blocks) and the next layer page-faults it in again. In a fresh process FlexNet x4 on a
+128² input takes 130-235k page faults per forward and 1.60-1.86 s of CPU time, against ~2k faults and
+1.34-1.42 s with the heap kept (one thread, separate processes, /tmp scratch measurement). A process
+whose glibc has already raised its dynamic thresholds (after freeing blocks of 32 MiB and more, as any
+big model does) sees little of this: ``bench/bench_flexnet.py --kept-heap``, interleaved with ESRGAN,
+shows no gain. :func:`kept_heap` raises glibc's trim and mmap thresholds for the duration of a run and
+calls ``malloc_trim(0)`` at its end, so the memory is handed back after the run. Anywhere else (macOS, Windows, musl) it does nothing. No imports from the pack: the
 benchmarks load this file on its own.
 """
 
