@@ -3,7 +3,7 @@
 Between a model's layers glibc returns freed activation memory to the OS (trimming the heap top, or
 unmapping large blocks) and the next layer page-faults it in again. In a fresh process FlexNet x4 on a
 128² input takes 130-235k page faults per forward and 1.60-1.86 s of CPU time, against ~2k faults and
-1.34-1.42 s with the heap kept (one thread, separate processes, /tmp scratch measurement). A process
+1.34-1.42 s with the heap kept (one thread, separate processes, a scratch script). A process
 whose glibc has already raised its dynamic thresholds (after freeing blocks of 32 MiB and more, as any
 big model does) sees little of this: ``bench/bench_flexnet.py --kept-heap``, interleaved with ESRGAN,
 shows no gain. :func:`kept_heap` raises glibc's trim and mmap thresholds for the duration of a run and
