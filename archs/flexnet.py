@@ -215,10 +215,11 @@ class ChannelMix(nn.Module):
         """
         c = s.shape[1]
         norm = self.key_norm
-        wv = derived(
-            self, "value", [self.value.weight, gamma] + ([norm.weight] if norm is not None else []),
-            lambda: (self.value.weight * gamma[:, None] * (norm.weight[None, :] if norm is not None else 1)).contiguous(),
-        )
+        def fold() -> Tensor:
+            w = self.value.weight * gamma[:, None]
+            return (w * norm.weight[None, :] if norm is not None else w).contiguous()
+
+        wv = derived(self, "value", [self.value.weight, gamma] + ([norm.weight] if norm is not None else []), fold)
         tokens = s.permute(0, 2, 3, 1).reshape(-1, c)  # a view when s is channels-last
         out = x.view(-1, c)
         for i in range(0, tokens.shape[0], FFN_CHUNK):
