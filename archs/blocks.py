@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .reparam import ReparamModule
+from .reparam import ReparamModule, derived, inference_path
 
 
 class OmniShift(ReparamModule):
@@ -35,10 +35,26 @@ class OmniShift(ReparamModule):
         a = self.alpha
         return a[0] * identity + a[1] * w1 + a[2] * w3 + a[3] * self.conv5x5.weight
 
+    def inference_kernel(self, scale: Tensor | None = None) -> Tensor:
+        """The fused 5x5 kernel (the fused weights once fused, else derived from the branches), times a
+        per-input-channel ``scale`` when given (a preceding RMSNorm's weight folds in here); cached."""
+        sources = [self.conv5x5_reparam.weight] if self.fused else [self.alpha, self.conv1x1.weight,
+                                                                   self.conv3x3.weight, self.conv5x5.weight]
+        if scale is not None:
+            sources.append(scale)
+
+        def compute() -> Tensor:
+            k = self.conv5x5_reparam.weight if self.fused else self.fused_kernel()
+            return (k * scale.view(-1, 1, 1, 1) if scale is not None else k).contiguous()
+
+        return derived(self, "kernel", sources, compute)
+
     def _refresh_fused(self) -> None:
         self.conv5x5_reparam.weight.copy_(self.fused_kernel())
 
     def forward(self, x: Tensor) -> Tensor:
+        if inference_path(self):  # eval without autograd: one 5x5 conv, fused by the Fuse node or not
+            return F.conv2d(x, self.inference_kernel(), padding=2, groups=x.shape[1])
         if self.fused and not self.training:
             return self.conv5x5_reparam(x)
         a = self.alpha

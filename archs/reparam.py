@@ -44,6 +44,34 @@ class ReparamModule(nn.Module):
         return self
 
 
+def inference_path(module: nn.Module) -> bool:
+    """True where a module may take its inference-only fast path: eval mode and no autograd.
+
+    Under ``torch.no_grad()`` / ``torch.inference_mode()`` nothing needs the training form's graph, so
+    weights may be folded (see :func:`derived`) and activations overwritten in place.
+    """
+    return not module.training and not torch.is_grad_enabled()
+
+
+def derived(module: nn.Module, name: str, sources, compute):
+    """``compute()`` (a tensor or tuple of tensors derived from ``sources``), cached on ``module``.
+
+    The cache is keyed by every source tensor's storage, version counter, dtype and device, so it is
+    recomputed after any in-place change (``load_state_dict``, an optimizer step, ``copy_``) and after
+    ``.to()``: a folded weight can never go stale. Computed under ``no_grad``; the cache is a plain
+    attribute (not a buffer), so state dicts are unchanged.
+    """
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cache = module.__dict__.setdefault("_derived_cache", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = compute()
+    cache[name] = (key, value)
+    return value
+
+
 def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
     if getattr(module, "fused", False):
         module.refresh_fused()

@@ -1,17 +1,26 @@
-"""FlexNet benchmark: params, MACs at 256x256, CPU latency fused vs unfused, and FlexNet against ESRGAN.
+"""FlexNet benchmark: FlexNet x4 against ESRGAN x4 and against the machine's convolution limit, per size.
 
-    python bench/bench_flexnet.py [--size 64] [--repeats 3] [--warmup 1] [--threads N] [--macs-size 256]
+    python bench/bench_flexnet.py [--sizes 64,128,256] [--repeats 3] [--warmup 1] [--threads 1] [--meta]
 
-Models (random weights, x4): FlexNet (linear, the defaults), MetaFlexNet, and spandrel's ESRGAN
-(RRDBNet, 23 blocks, 64 features). MACs are counted at ``--macs-size`` (default 256x256 input);
-latency is measured on a ``--size`` x ``--size`` input (default 64, so the whole run takes a few
-minutes on 2 CPU cores). "fused" = after ``archs.fuse`` (OmniShift's four branches as one 5x5 conv).
+Random weights, x4. For every input size one interleaved run (A, B, C, ... in turns, medians of process
+CPU time, see :mod:`bench.common`) times:
+
+* ``FlexNet fused``: FlexNet (linear, the defaults) after ``archs.fuse`` (what the Fuse node gives);
+* ``FlexNet as loaded``: the same weights through ``archs.load_model`` with no Fuse node (inference is
+  fused by itself: the two should match);
+* ``ESRGAN``: spandrel's RRDBNet, 23 blocks, 64 features (nothing to fuse);
+* ``conv3x3``: one plain 64 -> 64 3x3 convolution on a channels-last map of the input's size, the
+  "convolution limit": a model's GMAC/s is printed as a share of its GMAC/s.
+
+Ratios are FlexNet fused against ESRGAN (fused against fused: ESRGAN has nothing to fuse), by CPU time.
+``--meta`` adds MetaFlexNet (fused) to each run. MACs are FlopCounterMode FLOPs / 2 at the same size.
+``--kept-heap`` runs everything inside ``nodes/heap.py``'s ``kept_heap()``, as the upscale engine runs
+models on a CPU (glibc keeps freed activation memory during the run instead of page-faulting it in again).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -23,7 +32,16 @@ if str(ROOT) not in sys.path:
 
 import archs  # noqa: E402
 from archs.flexnet import FlexNet, MetaFlexNet  # noqa: E402
-from bench.common import count_macs, count_params, cpu_latency, human, machine_note, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    conv3x3_limit,
+    count_macs,
+    count_params,
+    human,
+    interleaved,
+    load_average,
+    machine_note,
+    print_table,
+)
 
 
 def esrgan_x4() -> torch.nn.Module:
@@ -34,65 +52,74 @@ def esrgan_x4() -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=64, help="latency input side in pixels (default 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; use 1 on a machine shared with other jobs)")
-    parser.add_argument("--macs-size", type=int, default=256, help="input side for the MAC count (default 256)")
+    parser.add_argument("--sizes", default="64,128,256", help="input sides in pixels, comma-separated (default 64,128,256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and size (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--meta", action="store_true", help="also time MetaFlexNet (fused)")
+    parser.add_argument("--kept-heap", action="store_true", help="run inside the engine's kept_heap() (glibc)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    heap = load_heap_module()
+    with heap.kept_heap(args.kept_heap) as kept:
+        run(args, kept)
+
+
+def load_heap_module():
+    """``nodes/heap.py`` on its own (the nodes package needs the pack's relative imports)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flexsr_heap", ROOT / "nodes" / "heap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args, kept: bool) -> None:
+    torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     torch.manual_seed(0)
-    models = {"FlexNet x4 (linear)": FlexNet(), "MetaFlexNet x4": MetaFlexNet(), "ESRGAN x4 (23 RRDB, 64 nf)": esrgan_x4()}
-    x = torch.rand(1, 3, args.size, args.size)
-    macs_shape = (1, 3, args.macs_size, args.macs_size)
+    flex = archs.fuse(FlexNet()).eval()
+    loaded = archs.load_model(flex.state_dict()).model  # same weights, no Fuse node
+    assert not any(m.fused for m in archs.fusable_modules(loaded))
+    models = {"FlexNet fused": flex, "FlexNet as loaded": loaded, "ESRGAN": esrgan_x4().eval()}
+    if args.meta:
+        models["MetaFlexNet fused"] = archs.fuse(MetaFlexNet()).eval()
 
-    print(f"# FlexNet benchmark; {machine_note()}")
-    print(f"# MACs = FlopCounterMode FLOPs / 2 at {args.macs_size}x{args.macs_size}; latency: {args.size}x{args.size} "
-          f"input, median of {args.repeats} after {args.warmup} warm-up, inference_mode, fp32; "
-          f"times as wall / process CPU time\n")
+    print(f"# FlexNet x4 benchmark; {machine_note()}")
+    print(f"# interleaved runs, median of {args.repeats} (after {args.warmup} warm-up round) of process CPU time, "
+          "inference_mode, fp32; GMAC/s = MACs / CPU time; 'limit' = a plain 64->64 3x3 conv in the same run; "
+          f"glibc heap kept during the run (as in the engine): {'yes' if kept else 'no'}\n")
+    print_table([[n, human(count_params(m))] for n, m in models.items()], ["model", "params"])
 
-    rows, stats = [], {}
-    for name, model in models.items():
-        model.eval()
-        params = count_params(model)
-        macs = count_macs(model, macs_shape)
-        unfused = cpu_latency(model, x, repeats=args.repeats, warmup=args.warmup)
-        fused_model = archs.fuse(copy.deepcopy(model)).eval()
-        fused, diff = unfused, None
-        if archs.fusable_modules(fused_model):
-            fused = cpu_latency(fused_model, x, repeats=args.repeats, warmup=args.warmup)
-            with torch.inference_mode():
-                diff = (fused_model(x) - model(x)).abs().max().item()
-        stats[name] = dict(params=params, macs=macs, wall=fused["median"], cpu=fused["cpu_median"])
-        ms = lambda t: f"{t['median'] * 1e3:.0f} / {t['cpu_median'] * 1e3:.0f}"  # noqa: E731
-        rows.append([
-            name,
-            human(params),
-            human(macs),
-            ms(unfused),
-            ms(fused) if diff is not None else "-",
-            f"{unfused['median'] / fused['median']:.2f}x / {unfused['cpu_median'] / fused['cpu_median']:.2f}x"
-            if diff is not None else "-",
-            f"{diff:.1e}" if diff is not None else "-",
-        ])
-        del fused_model
+    summary = []
+    for size in sizes:
+        x = torch.rand(1, 3, size, size)
+        conv, conv_macs = conv3x3_limit(size, size)
+        candidates = {name: (lambda m=m: m(x)) for name, m in models.items()}
+        candidates["conv3x3"] = conv
+        macs = {name: count_macs(m, (1, 3, size, size)) for name, m in models.items()}
+        macs["conv3x3"] = conv_macs
+        with torch.inference_mode():
+            diff = (flex(x) - loaded(x)).abs().max().item()
+        times = interleaved(candidates, repeats=args.repeats, warmup=args.warmup)
+        limit = macs["conv3x3"] / times["conv3x3"]["cpu"]
+        print(f"\n## {size}x{size} input ({load_average()} after the run); max|fused - as loaded| = {diff:.1e}")
+        rows = []
+        for name, t in times.items():
+            rate = macs[name] / t["cpu"]
+            rows.append([name, human(macs[name]), f"{t['cpu'] * 1e3:.1f}", f"{t['wall'] * 1e3:.1f}",
+                         f"{rate / 1e9:.1f}", f"{100 * rate / limit:.0f}%"])
+        print_table(rows, ["model", "MACs", "CPU ms", "wall ms", "GMAC/s", "of limit"])
+        f, e = times["FlexNet fused"]["cpu"], times["ESRGAN"]["cpu"]
+        summary.append([f"{size}x{size}", f"{e / f:.2f}x", f"{e / times['FlexNet as loaded']['cpu']:.2f}x",
+                        f"{macs['ESRGAN'] / macs['FlexNet fused']:.2f}x",
+                        f"{100 * macs['FlexNet fused'] / f / limit:.0f}%", load_average()])
 
-    print_table(rows, ["model", "params", f"MACs@{args.macs_size}", "unfused ms (wall / cpu)",
-                       "fused ms (wall / cpu)", "unfused/fused (wall / cpu)", "max|fused-unfused|"])
+    print("\n## FlexNet fused against ESRGAN x4, by CPU time in the same run")
+    print_table(summary, ["input", "speed vs ESRGAN", "as loaded vs ESRGAN", "MAC ratio (ceiling)",
+                          "FlexNet of conv limit", "load after"])
 
-    flex, esr = stats["FlexNet x4 (linear)"], stats["ESRGAN x4 (23 RRDB, 64 nf)"]
-    print("\nFlexNet (linear, fused) relative to ESRGAN on the same input, same run:")
-    print_table(
-        [
-            ["params", f"{flex['params'] / esr['params']:.3f}"],
-            [f"MACs@{args.macs_size}", f"{flex['macs'] / esr['macs']:.3f}"],
-            [f"CPU latency {args.size}x{args.size}, wall", f"{flex['wall'] / esr['wall']:.3f}"],
-            [f"CPU latency {args.size}x{args.size}, process CPU time", f"{flex['cpu'] / esr['cpu']:.3f}"],
-        ],
-        ["FlexNet / ESRGAN", "ratio"],
-    )
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,13 @@
 """LAMNet, EIMN and the DaViT-style transformer against SwinIR-light, x4, on one input in one run.
 
-    python bench/bench_sr_archs.py [--size 64] [--repeats 3] [--threads N] [--macs-size 256]
+    python bench/bench_sr_archs.py [--size 64] [--repeats 3] [--threads 1] [--macs-size 256]
 
 Random weights, published configs: LAMNet base x4, EIMN_L x4, the transformer SR(4, 8, 256, 4, 16),
 and SwinIR-light x4 (spandrel's SwinIR: embed 60, depths/heads 6x4, window 8, mlp 2,
-pixelshuffledirect). Params; MACs at ``--macs-size`` (FlopCounterMode FLOPs / 2); CPU latency on a
-``--size`` square input, median of ``--repeats``; the ratio of each to SwinIR-light.
+pixelshuffledirect). Params; MACs at ``--macs-size`` (FlopCounterMode FLOPs / 2); the models run
+interleaved (A, B, C, D, A, ...) on a ``--size`` square input and each one's median process CPU time
+is reported (see :mod:`bench.common`), with GMAC/s as a share of a plain 3x3 conv timed in the same run;
+the speed ratio to SwinIR-light is taken from the CPU times.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import count_macs, count_params, cpu_latency, human, machine_note, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    conv3x3_limit,
+    count_macs,
+    count_params,
+    human,
+    interleaved,
+    load_average,
+    machine_note,
+    print_table,
+)
 
 
 def swinir_light_x4() -> torch.nn.Module:
@@ -49,28 +60,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=64, help="latency input side in pixels (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--macs-size", type=int, default=256, help="input side for the MAC count (default 256)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(1, 3, args.size, args.size)
     print(f"# SR architectures x4; {machine_note()}")
-    print(f"# MACs at {args.macs_size}x{args.macs_size}; latency on {args.size}x{args.size}, median of {args.repeats}\n")
-    stats = {}
-    for name, model in models().items():
-        model.eval()
-        macs = count_macs(model, (1, 3, args.macs_size, args.macs_size))
-        lat = cpu_latency(model, x, repeats=args.repeats, warmup=args.warmup)
-        stats[name] = (count_params(model), macs, lat["median"], lat["cpu_median"])
-    ref = stats["SwinIR-light x4 (spandrel)"][2]
-    rows = [
-        (name, human(p), human(m), f"{t * 1000:.0f} ms", f"{c * 1000:.0f} ms", f"{ref / t:.2f}x")
-        for name, (p, m, t, c) in stats.items()
-    ]
-    print_table(rows, ["model", "params", f"MACs@{args.macs_size}", "latency (wall)", "CPU time", "speed vs SwinIR-light"])
+    print(f"# MACs at {args.macs_size}x{args.macs_size}; CPU time on {args.size}x{args.size}: interleaved runs, "
+          f"median of {args.repeats} after {args.warmup} warm-up round\n")
+    nets = {name: m.eval() for name, m in models().items()}
+    candidates = {name: (lambda m=m: m(x)) for name, m in nets.items()}
+    conv, conv_macs = conv3x3_limit(args.size, args.size)
+    candidates["conv3x3 (limit)"] = conv
+    times = interleaved(candidates, repeats=args.repeats, warmup=args.warmup)
+    limit = conv_macs / times["conv3x3 (limit)"]["cpu"]
+    ref = times["SwinIR-light x4 (spandrel)"]["cpu"]
+    rows = []
+    for name, m in nets.items():
+        t = times[name]
+        rate = count_macs(m, (1, 3, args.size, args.size)) / t["cpu"]
+        rows.append((name, human(count_params(m)), human(count_macs(m, (1, 3, args.macs_size, args.macs_size))),
+                     f"{t['cpu'] * 1000:.0f} ms", f"{t['wall'] * 1000:.0f} ms", f"{rate / 1e9:.1f}",
+                     f"{100 * rate / limit:.0f}%", f"{ref / t['cpu']:.2f}x"))
+    print_table(rows, ["model", "params", f"MACs@{args.macs_size}", "CPU time", "wall", "GMAC/s", "of conv limit",
+                       "speed vs SwinIR-light (CPU time)"])
+    print(f"\nconv limit: {limit / 1e9:.1f} GMAC/s; {load_average()} after the run")
 
 
 if __name__ == "__main__":

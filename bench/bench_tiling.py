@@ -5,7 +5,8 @@
     python bench/bench_tiling.py --arch flexnet --feat 16 --conv 1 --size 512
     python bench/bench_tiling.py --model path/to/model.safetensors
 
-Prints, for a --size² image (default 1024): the time of each method and the throughput ratio, each
+Prints, for a --size² image (default 1024): the median time of each method (interleaved runs; process
+CPU time on a CPU, wall time on CUDA) and the throughput ratios, each
 method's seam PSNR against the whole-image result, then (one subprocess per method, RSS high-water mark
 from ``/proc/self/status`` VmHWM; CUDA: ``torch.cuda.max_memory_allocated``) the peak memory of producing
 the x{scale} output of a --memory-size² image (default 2048).
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -226,7 +228,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="fp32", help="our engine's precision (ComfyUI's runs the model's dtype)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per method (best is reported)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per method (median is reported)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -248,7 +250,7 @@ def main() -> None:
     comfy_upscale(model, warm, args.device)
 
     runs = {"whole": [], "ours": [], "comfy": [], "ours512": []}
-    for _ in range(args.repeat):  # interleaved, best of N: the machine may be shared
+    for _ in range(args.repeat):  # interleaved, median of N: the machine may be shared
         ref, t = timed(lambda: whole_image(model, image, args.device), args.device)
         runs["whole"].append(t)
         (mine, report), t = timed(lambda: ours(pack, model, image, args.device, args.precision), args.device)
@@ -260,7 +262,7 @@ def main() -> None:
         runs["ours512"].append(t)
     cuda = args.device.startswith("cuda")
     key = 0 if cuda else 1  # compare wall time on CUDA, CPU time on a CPU (robust to other load)
-    best = {k: min(t[key] for t in v) for k, v in runs.items()}
+    best = {k: statistics.median(t[key] for t in v) for k, v in runs.items()}
     steps = comfy_steps(args.size, args.size, 512, 32)
     mpx = args.size**2 / 1e6
 
@@ -271,12 +273,14 @@ def main() -> None:
                 f"  {'':24s} (wall: {walls}; CPU: {cpus})")
 
     what = "wall time" if cuda else "process CPU time"
-    print(f"\n{args.size}x{args.size} -> x{model.scale}, best {what} of {args.repeat}")
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\n{args.size}x{args.size} -> x{model.scale}, median {what} of {args.repeat} (interleaved; load {load})")
     print(line("whole image (no tiling)", "whole"))
     print(line("FlexSR engine (auto)", "ours", f"  seam PSNR {psnr(mine, ref):6.1f} dB  [{one_line(report)}]"))
     print(line("ComfyUI tiled_scale", "comfy",
                f"  seam PSNR {psnr(theirs, ref):6.1f} dB  [{steps} tiles of 512 px, 32 px overlap]"))
     print(line("FlexSR engine, 512 tiles", "ours512", f"  seam PSNR {psnr(fixed, ref):6.1f} dB  [{one_line(rep512)}]"))
+    print(f"  FlexSR auto / whole image: {best['ours'] / best['whole']:.3f} of the time (<= 1.05 is the target)")
     print(f"  throughput ratio FlexSR / ComfyUI: {best['comfy'] / best['ours']:.2f}x (auto), "
           f"{best['comfy'] / best['ours512']:.2f}x (512 px tiles)")
 
@@ -297,8 +301,11 @@ def main() -> None:
         gib = 1 << 30
         name = "FlexSR engine" if method == "ours" else "ComfyUI tiled_scale"
         extra = f", CUDA peak {r['cuda_peak'] / gib:.2f} GiB" if r["cuda_peak"] else ""
-        print(f"  {name:22s} RSS peak {r['rss_peak'] / gib:6.2f} GiB (+{(r['rss_peak'] - r['rss_before']) / gib:5.2f} "
-              f"GiB during the run; output alone {r['output_bytes'] / gib:.2f} GiB){extra}")
+        grown = r["rss_peak"] - r["rss_before"]
+        io = r["output_bytes"] + r["input_bytes"]
+        print(f"  {name:22s} RSS peak {r['rss_peak'] / gib:6.2f} GiB (+{grown / gib:5.2f} "
+              f"GiB during the run = {grown / io:.2f} x (input + output); output alone {r['output_bytes'] / gib:.2f} "
+              f"GiB){extra}")
 
 
 if __name__ == "__main__":

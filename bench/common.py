@@ -10,6 +10,12 @@ Benchmarks print figures; nothing here asserts anything about speed.
   a large model takes a second.
 * Latency is the median wall time (and the median process CPU time) of ``repeats`` forward passes
   after ``warmup`` passes, under ``torch.inference_mode()``, on whatever CPU threads torch is set to use.
+* Comparisons use :func:`interleaved`: the candidates run in turns (A, B, A, B, ...) in one process and
+  each one's median process CPU time is reported, so a change in the machine's load (it is shared) hits
+  every candidate alike. Ratios are taken from those CPU-time medians; the load average is printed beside.
+* The "convolution limit" (:func:`conv3x3_limit`) is a plain 64 -> 64 3x3 convolution on a channels-last
+  feature map of the same size, timed in the same interleaved run: its GMAC/s is what this machine's
+  best-tuned kernel reaches, and a model's GMAC/s is reported as a share of it.
 """
 
 from __future__ import annotations
@@ -81,6 +87,55 @@ def cpu_latency(
     return {"median": statistics.median(wall), "min": min(wall), "max": max(wall), "cpu_median": statistics.median(cpu)}
 
 
+def interleaved(
+    candidates: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """Time zero-argument callables in turns (A, B, C, A, B, C, ...), under ``torch.inference_mode()``.
+
+    Returns, per name, ``{"cpu": median process CPU seconds, "wall": median wall seconds, "cpu_min",
+    "cpu_max", "runs"}``. With one torch thread the CPU time does not count time spent waiting for a core,
+    so it is the steady figure on a shared machine; interleaving spreads load changes over all candidates.
+    """
+    cpu: dict[str, list[float]] = {k: [] for k in candidates}
+    wall: dict[str, list[float]] = {k: [] for k in candidates}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in candidates.values():
+                fn()
+        for _ in range(max(1, repeats)):
+            for name, fn in candidates.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                cpu[name].append(time.process_time() - start_cpu)
+                wall[name].append(time.perf_counter() - start)
+    return {
+        k: {"cpu": statistics.median(cpu[k]), "wall": statistics.median(wall[k]), "cpu_min": min(cpu[k]),
+            "cpu_max": max(cpu[k]), "runs": len(cpu[k])}
+        for k in candidates
+    }
+
+
+def conv3x3_limit(height: int, width: int, channels: int = 64, calls: int = 16) -> tuple[Callable[[], object], int]:
+    """(a callable running a plain ``channels -> channels`` 3x3 conv ``calls`` times on a channels-last
+    ``[1, C, H, W]`` map, its MACs): time it with :func:`interleaved` beside a model to get the machine's
+    convolution limit. Several calls per timing keep one sample long enough to be steady."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).eval()
+    x = torch.rand(1, channels, height, width).contiguous(memory_format=torch.channels_last)
+
+    def run() -> None:
+        for _ in range(calls):
+            conv(x)
+
+    return run, calls * channels * channels * 9 * height * width
+
+
+def load_average() -> str:
+    """``"load 1.2 / 0.9 / 0.7"`` (1, 5, 15 minutes), or ``"load n/a"``."""
+    if not hasattr(os, "getloadavg"):
+        return "load n/a"
+    return "load " + " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def human(n: float, unit: str = "") -> str:
     """``3045136 -> '3.05 M'``, ``1.4e11 -> '143.5 G'``."""
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -132,4 +187,7 @@ def machine_note() -> str:
     )
 
 
-__all__ = ["count_params", "count_macs", "cpu_latency", "human", "print_table", "machine_note"]
+__all__ = [
+    "count_params", "count_macs", "cpu_latency", "interleaved", "conv3x3_limit", "load_average", "human",
+    "print_table", "machine_note",
+]

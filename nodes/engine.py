@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -36,6 +37,7 @@ from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
 from . import host
 from .blend import write_tile
 from .channels import ALPHA_MODES, Job, plan_channels
+from .heap import kept_heap
 from .tiles import Layout, Tile, describe, plan_tiles, resplit
 
 log = logging.getLogger("flexsr")
@@ -49,9 +51,11 @@ MIN_TILE = 32
 #: CPU working-set cap: larger tiles do not run faster on a CPU, they only take memory.
 CPU_WORKSET = 2 << 30
 MAX_BATCH = 16
-#: CPU: pixels per model call (tile windows x batch). Larger calls are slower per pixel on a CPU
-#: (measured with Compact and FlexNet: windows of ~450 px beat both 1024 px and 192 px).
-CPU_CALL_PIXELS = 448 * 448
+#: CPU: an image that fits the working-set budget runs as one call (tiles only add context work there;
+#: measured with bench/bench_tiling.py). One that does not is tiled with a working set of this share of
+#: the pass's input + output bytes (at least CPU_TILED_FLOOR), so peak memory stays near input + output.
+CPU_TILED_SHARE = 0.4
+CPU_TILED_FLOOR = 256 << 20
 _ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
 
 
@@ -144,16 +148,45 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.model.parameters()) + list(model.model.buffers()))
 
 
+#: Families for which "auto" picks bf16 on a CPU with native bf16 (AVX512-BF16 / AMX): those measured
+#: faster than fp32 there in two runs, with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py,
+#: Set14 crops, one thread): LMLT 1.18-1.31x (50 dB), the DaViT transformer 2.5-3.2x (45-46 dB). Not
+#: FlexNet (2.0x but 43 dB on the default config), EIMN (0.91-1.16x), LAMNet (0.65x).
+CPU_BF16_FAMILIES: frozenset[str] = frozenset({"LMLT", "TransformerSR"})
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): torch's check, else /proc/cpuinfo."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(requested: str, model, device: torch.device) -> torch.dtype:
     """The dtype to run in: ``requested`` when the model supports it, else the nearest it supports.
 
-    "auto": fp16 on CUDA when supported, else bf16 when supported there, else fp32 (always on CPU).
+    "auto": fp16 on CUDA when supported, else bf16 when supported there, else fp32; on a CPU, bf16 only
+    for the families in :data:`CPU_BF16_FAMILIES` and only where the CPU has native bf16, else fp32.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
     half, bf16 = bool(model.supports_half), bool(model.supports_bfloat16)
     bf16_here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if requested == "auto":
+        if device.type == "cpu":
+            family = getattr(model.architecture, "id", "")
+            native = bf16 and family in CPU_BF16_FAMILIES and cpu_has_native_bf16()
+            return torch.bfloat16 if native else torch.float32
         if device.type != "cuda":
             return torch.float32
         return torch.float16 if half else torch.bfloat16 if bf16 and bf16_here else torch.float32
@@ -182,15 +215,12 @@ def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
     return int(elem * width * (12 + 2 * s2) + 4 * model.output_channels * s2 * 3)
 
 
+_BPP_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _cache(model) -> dict:
-    cache = getattr(model, "_flexsr_bpp", None)
-    if not isinstance(cache, dict):
-        cache = {}
-        try:
-            model._flexsr_bpp = cache
-        except AttributeError:
-            pass
-    return cache
+    """Measured costs of ``model``'s network, kept as long as the network lives (whatever wraps it)."""
+    return _BPP_CACHE.setdefault(model.model, {})
 
 
 @torch.inference_mode()
@@ -242,10 +272,12 @@ def measure_bytes_per_pixel(model, dtype: torch.dtype, device: torch.device, sid
 
 
 def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layout,
-                  probe: bool = True) -> tuple[float, int]:
+                  probe: bool = True, pixels: int = 0) -> tuple[float, int]:
     """(bytes the tiles may use, bytes per input pixel of a model call) on ``device``.
 
-    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`), else estimated.
+    With ``probe`` the per-pixel cost is measured (:func:`measure_bytes_per_pixel`, once per network,
+    dtype and device), else estimated; on a CPU no probe runs when ``pixels`` (the whole image) fit the
+    budget even at the generous static estimate.
     """
     if device.type == "cuda":
         budget = host.free_memory(device) * 0.8
@@ -253,10 +285,11 @@ def memory_budget(model, device: torch.device, dtype: torch.dtype, layout: Layou
             budget -= model_bytes(model)
     else:
         budget = min(host.available_ram() * 0.4, CPU_WORKSET)
+    estimate = estimate_bytes_per_pixel(model, dtype)
+    if device.type == "cpu" and pixels and pixels * estimate <= budget:
+        probe = False
     side = max(layout.align, 64 // layout.align * layout.align)
-    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate_bytes_per_pixel(
-        model, dtype
-    )
+    bpp = (measure_bytes_per_pixel(model, dtype, device, side) if probe else None) or estimate
     return max(budget, 0.0), max(bpp, 1)
 
 
@@ -318,10 +351,16 @@ class TileRunner:
         self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
         self.used_batch = 1
         self.channels_last = True
+        #: False while ``dst`` is uninitialised (a one-tile-per-image plan): zeroed before any re-split.
+        self.dst_zeroed = True
 
     @torch.inference_mode()
-    def run(self, src: Tensor, dst: Tensor, pre=None, post=None) -> None:
-        """``src`` [B, C, H, W] (any strides, CPU), ``dst`` [B, C', H*s, W*s] zero-filled, written in place."""
+    def run(self, src: Tensor, dst: Tensor, pre=None, post=None, adopt: bool = False) -> Optional[Tensor]:
+        """``src`` [B, C, H, W] (any strides, CPU), ``dst`` [B, C', H*s, W*s] zero-filled, written in place.
+
+        With ``adopt``, a single call on a single whole image whose output already has ``dst``'s shape,
+        dtype, device and a channels-last layout is returned instead of copied into ``dst`` (None otherwise).
+        """
         B, _, H, W = src.shape
         s = self.model.scale
         pending = plan_tiles(B, H, W, self.tile, self.layout)
@@ -339,7 +378,18 @@ class TileRunner:
                 out_of_memory = True  # handled below, once the failed call's frames are released
             if out_of_memory:
                 pending = self._shrink(pending, len(group), H, W)
+                if not self.dst_zeroed and len(pending) > len({t.index for t in pending}):
+                    for index in {t.index for t in pending}:  # tiles of these images will crossfade
+                        dst[index].zero_()
+                    self.dst_zeroed = True
                 continue
+            if adopt and B == 1 and len(pending) == 1 and post is None and results.shape == dst.shape \
+                    and results.dtype == dst.dtype and results.device == dst.device \
+                    and results.is_contiguous(memory_format=torch.channels_last):
+                self.report.tiles += 1
+                self.on_progress(pending[0].core_area)
+                self.report.batch = self.used_batch
+                return results
             for tile, result in zip(group, results):
                 if post is not None:  # the model's output is clamped already (spandrel's call)
                     result = post(result[None])[0].clamp_(0, 1)
@@ -350,6 +400,7 @@ class TileRunner:
             self.used_batch = max(self.used_batch, len(group))
             self.on_progress(sum(t.core_area for t in group))
         self.report.batch = self.used_batch
+        return None
 
     def _take(self, pending: Sequence[Tile]) -> list[Tile]:
         shape = pending[0].window_shape
@@ -357,7 +408,13 @@ class TileRunner:
 
     def _call(self, src: Tensor, group: list[Tile], pre) -> Tensor:
         windows = [src[t.index, :, t.y.lo : t.y.hi, t.x.lo : t.x.hi] for t in group]
-        x = torch.stack(windows).to(self.device, self.model.dtype)
+        if self.device.type == "cpu" and self.channels_last:  # one copy, straight into the layout fed
+            x = torch.empty((len(windows), *windows[0].shape), dtype=self.model.dtype,
+                            memory_format=torch.channels_last)
+            for i, window in enumerate(windows):
+                x[i].copy_(window)
+        else:
+            x = torch.stack(windows).to(self.device, self.model.dtype)
         if pre is not None:
             x = pre(x)
         self.report.model_calls += 1
@@ -563,9 +620,10 @@ def upscale_image(
     try:
         model.to(device)
         current = image
-        for _ in range(passes):
-            current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
-                                check_cancel, tracker)
+        with kept_heap(device.type == "cpu"):  # fewer page faults between layers; memory handed back after
+            for _ in range(passes):
+                current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
+                                    check_cancel, tracker)
     finally:
         model.to(original_device)
         if device.type == "cuda":
@@ -590,18 +648,23 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
             alpha_value = float(a.flatten()[0])
     jobs = plan_channels(c, model.input_channels, model.output_channels, alpha_mode, alpha_value)
     out_c = len({d for j in jobs for d in j.dst})
-    # ComfyUI's layout: models are fed channels-last, so their outputs copy in row by row
-    out = torch.zeros(b, h * s, w * s, out_c, dtype=torch.float32)
-    out_bchw = out.permute(0, 3, 1, 2)
-    src_bchw = image.permute(0, 3, 1, 2)
-
     layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
     auto = not (tile_size and tile_size > 0)
-    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto)
-    call_cap = CPU_CALL_PIXELS if device.type == "cpu" else None
-    tile = auto_tile(budget, bpp, layout, h, w, b, call_cap) if auto else tile_size
-    batch = auto_batch(budget, bpp, layout, tile, h, w, call_cap)
+    budget, bpp = memory_budget(model, device, dtype, layout, probe=auto, pixels=h * w)
+    if device.type == "cpu" and h * w * bpp > budget:  # tiled: keep the working set small beside the output
+        io_bytes = b * h * w * c * 4 * (1 + s * s)
+        budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes))
+    tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
+    batch = auto_batch(budget, bpp, layout, tile, h, w)
+
+    # ComfyUI's layout: models are fed channels-last, so their outputs copy in row by row. One tile per
+    # image writes every output pixel once: no zero fill then (crossfades accumulate into zeros otherwise).
+    whole = tile >= max(h, w)
+    out = (torch.empty if whole else torch.zeros)(b, h * s, w * s, out_c, dtype=torch.float32)
+    out_bchw = out.permute(0, 3, 1, 2)
+    src_bchw = image.permute(0, 3, 1, 2)
     runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
+    runner.dst_zeroed = not whole
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]
         if job.kind == "fill":
@@ -612,7 +675,10 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
                 up = F.interpolate(alpha[i : i + 1], size=(h * s, w * s), mode="bicubic", align_corners=False)
                 dst[i].copy_(up[0].clamp_(0, 1))
         else:
-            runner.run(src_bchw[:, _run(job.src)], dst, job.pre, job.post)
+            adopt = whole and len(jobs) == 1 and dst.shape[1] == out_c
+            result = runner.run(src_bchw[:, _run(job.src)], dst, job.pre, job.post, adopt=adopt)
+            if result is not None:  # the model's own output, channels-last: already ComfyUI's layout
+                out = result.permute(0, 2, 3, 1)
     report.tile = runner.tile
     report.precision = NAMES.get(runner.dtype, report.precision)
     return out
