@@ -6,12 +6,13 @@ import logging
 
 from . import host, model_io
 from .channels import ALPHA_MODES
-from .engine import PRECISIONS, upscale_image
+from .engine import CPU_CALL_PIXELS, PRECISIONS, upscale_image
 
 log = logging.getLogger("flexsr")
 
 CATEGORY = "FlexSR"
 PROGRESS_STEPS = 1000
+CPU_SIDE = int(CPU_CALL_PIXELS**0.5)  # the automatic tile's cap on a CPU, for the tooltip
 
 
 class LoadUpscaleModel:
@@ -67,7 +68,9 @@ class UpscaleImage:
                 "image": ("IMAGE", {"tooltip": "The images to upscale (grey, RGB or RGBA)."}),
                 "tile_size": ("INT", {
                     "default": 0, "min": 0, "max": 8192, "step": 8,
-                    "tooltip": "Tile size in input pixels; 0 = automatic from free memory (the whole image when it fits).",
+                    "tooltip": "Tile size in input pixels; 0 = automatic. On a GPU: from free memory (the whole image "
+                               f"when it fits). On a CPU: at most about {CPU_SIDE}×{CPU_SIDE} px per model call (larger calls are no "
+                               "faster there), so larger images run as several tiles.",
                 }),
                 "overlap": ("INT", {
                     "default": 32, "min": 0, "max": 512, "step": 8,
