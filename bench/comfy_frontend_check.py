@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -167,6 +168,24 @@ def check_panels(check: Check, panels: dict, template: str, when: str) -> None:
         check("running…" not in text, f"{template} {when}: {kind}'s panel is not stuck at 'running…'")
 
 
+def check_rgba_output(check: Check, base: str, events: list) -> None:
+    """The RGBA template's saved image really has alpha (fetched the way the front end shows it)."""
+    import io
+
+    from PIL import Image
+
+    prompt_id = next(e["detail"]["prompt_id"] for e in events if e["type"] == "execution_success")
+    history = json.loads(urllib.request.urlopen(f"{base}/history/{prompt_id}").read())[prompt_id]
+    images = [img for out in history["outputs"].values() for img in out.get("images", [])]
+    img = images[0]
+    query = urllib.parse.urlencode({k: img[k] for k in ("filename", "subfolder", "type")})
+    with Image.open(io.BytesIO(urllib.request.urlopen(f"{base}/view?{query}").read())) as im:
+        lo, hi = im.getchannel("A").getextrema() if im.mode == "RGBA" else (255, 255)
+        check.facts["rgba_output"] = {"file": img["filename"], "mode": im.mode, "size": im.size, "alpha": [lo, hi]}
+        check(im.mode == "RGBA" and lo < 16 and hi > 240,
+              f"the RGBA template saves {im.mode} {im.size[0]}×{im.size[1]}, alpha {lo}…{hi}")
+
+
 def run(args) -> int:
     from playwright.sync_api import sync_playwright
 
@@ -199,6 +218,8 @@ def run(args) -> int:
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             console: list[str] = []
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error",) else None)
+            responses: list[tuple[str, int]] = []
+            page.on("response", lambda r: responses.append((r.url, r.status)))
             s = Session(page, base, out)
             s.open()
             for name in TEMPLATES:
@@ -212,6 +233,8 @@ def run(args) -> int:
                 events = s.queue()
                 check(outcome(events) == "execution_success", f"{name}: the run succeeds ({outcome(events)})")
                 s.shot(f"{name}_ran")
+                if name == "upscale_rgba_with_mask":
+                    check_rgba_output(check, base, events)
                 check_panels(check, s.panels(), name, "after the run")
                 s.reload()
                 s.shot(f"{name}_reloaded")
@@ -287,13 +310,16 @@ def run(args) -> int:
                     continue
             page.wait_for_timeout(2500)
             s.shot("template_browser")
-            thumbs = page.evaluate("""(names) => [...document.querySelectorAll('img')]
-                .filter((i) => names.some((n) => (i.currentSrc || i.src).includes(n + '.jpg')))
-                .map((i) => ({ src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0 }))""", TEMPLATES)
-            check.facts["images_on_page"] = page.evaluate("() => [...document.querySelectorAll('img')].map((i) => i.src)")
-            check.facts["thumbnails"] = thumbs
-            check(len(thumbs) >= len(TEMPLATES) and all(t["ok"] for t in thumbs),
-                  f"the template browser shows {sum(t['ok'] for t in thumbs)} of {len(TEMPLATES)} thumbnails")
+            # the browser fetches each thumbnail, then shows it from a blob: URL
+            thumbs = {n: [status for url, status in responses if f"/workflow_templates/" in url and url.endswith(f"/{n}.jpg")]
+                      for n in TEMPLATES}
+            shown = page.evaluate("() => [...document.querySelectorAll('img')].filter((i) => i.complete && "
+                                  "i.naturalWidth > 0).length")
+            check.facts["thumbnails"] = {"fetched": thumbs, "images_shown": shown}
+            ok = [n for n, statuses in thumbs.items() if 200 in statuses]
+            check(len(ok) == len(TEMPLATES) and shown >= len(TEMPLATES),
+                  f"the template browser fetched {len(ok)} of {len(TEMPLATES)} thumbnails, {shown} images shown")
+            check.facts["http_errors"] = sorted({f"{status} {url}" for url, status in responses if status >= 400})
             flexsr_console = [c for c in console if "flexsr" in c.lower()]
             check.facts["console_errors"] = console
             check(not flexsr_console, f"no console errors from the pack ({len(console)} console errors in all)")
