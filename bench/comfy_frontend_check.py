@@ -264,10 +264,17 @@ def run(args) -> int:
 
             # progress cadence and cancel latency on a long run
             s.load_template("upscale_image")
-            page.evaluate("""() => {
+            page.evaluate("""(model) => {
                 const node = window.app.graph._nodes.find((n) => n.type === "FlexSRUpscaleImage");
                 node.widgets.find((w) => w.name === "target_scale").value = 4.0;
-            }""")
+                if (model) {
+                  const loader = window.app.graph._nodes.find((n) => n.type === "FlexSRLoadUpscaleModel");
+                  const w = loader.widgets.find((w) => w.name === "model_name");
+                  w.value = model;
+                  w.callback?.(model);
+                }
+            }""", args.long_model)
+            check.facts["long_run_model"] = args.long_model or "the template's"
             page.evaluate("() => { window.flexsrEvents = []; }")
             page.evaluate("() => window.app.queuePrompt(0, 1)")
             page.wait_for_function("""() => window.flexsrEvents.some((e) => e.type === 'executing' &&
@@ -297,14 +304,16 @@ def run(args) -> int:
             check(stop["type"] == "execution_interrupted" and latency <= 2.0, f"cancel took {latency:.2f} s ({stop['type']})")
             page.wait_for_timeout(800)
             s.shot("upscale_cancelled")
+            cancelled = s.panels().get("FlexSRUpscaleImage", {})
+            check(cancelled.get("text") == "cancelled", f"after Cancel the upscale node's panel says {cancelled.get('text')!r}")
 
             # the template browser
             page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
             page.wait_for_timeout(2500)
-            for label in (pack_key, "FlexSR", link.name):
-                item = page.get_by_text(label or "FlexSR", exact=False).first
-                try:
-                    item.click(timeout=3000)
+            dialog = page.locator("[role=dialog]").last
+            for label in dict.fromkeys([pack_key or "FlexSR", "FlexSR", link.name]):
+                try:  # the pack's entry in the browser's side bar
+                    dialog.get_by_text(label, exact=True).first.click(timeout=5000)
                     break
                 except Exception:
                     continue
@@ -315,7 +324,8 @@ def run(args) -> int:
                       for n in TEMPLATES}
             shown = page.evaluate("() => [...document.querySelectorAll('img')].filter((i) => i.complete && "
                                   "i.naturalWidth > 0).length")
-            check.facts["thumbnails"] = {"fetched": thumbs, "images_shown": shown}
+            check.facts["thumbnails"] = {"fetched": thumbs, "images_shown": shown,
+                                         "requests": sorted({u for u, _ in responses if "template" in u})}
             ok = [n for n, statuses in thumbs.items() if 200 in statuses]
             check(len(ok) == len(TEMPLATES) and shown >= len(TEMPLATES),
                   f"the template browser fetched {len(ok)} of {len(TEMPLATES)} thumbnails, {shown} images shown")
@@ -351,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8199)
     ap.add_argument("--out", default="frontend_check", help="folder for screenshots and summary.json")
     ap.add_argument("--run-seconds", type=int, default=6, help="how long the long run goes before Cancel")
+    ap.add_argument("--long-model", default=None,
+                    help="model_name for the progress/cancel run (e.g. a heavier model in upscale_models)")
     args = ap.parse_args(argv)
     if not args.chromium:
         ap.error("no Chromium found; pass --chromium")

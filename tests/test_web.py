@@ -28,7 +28,7 @@ APP_STANDIN = """
 class ChangeTracker { constructor() { this.checks = 0; } checkState() { this.checks += 1; } }
 export const app = {
   extensions: [],
-  graph: { nodes: [], getNodeById(id) { return this.nodes.find((n) => String(n.id) === String(id)) ?? null; } },
+  graph: { _nodes: [], getNodeById(id) { return this._nodes.find((n) => String(n.id) === String(id)) ?? null; } },
   extensionManager: { workflow: { activeWorkflow: { changeTracker: new ChangeTracker() } } },
   registerExtension(extension) { this.extensions.push(extension); },
 };
@@ -70,7 +70,7 @@ try {
       this.widgets = (widgets ?? []).map((w) => ({ ...w }));
       this.el = document.createElement("div"); this.el.className = "node"; this.el.dataset.type = type;
       document.getElementById("graph").append(this.el);
-      app.graph.nodes.push(this);
+      app.graph._nodes.push(this);
       this.onNodeCreated?.();
     }
     addDOMWidget(name, type, element, options) {
@@ -136,6 +136,17 @@ try {
   steps.upscalerCached = panel(upscaler);
   steps.loaderCached = panel(loader);
   steps.refetched = api.fetched.length - fetchedBefore;
+
+  // a cancelled run: the running node says so, and a panel left "running…" goes back to what is known
+  api.emit("executing", String(upscaler.id));
+  api.emit("executing", String(loader.id));
+  api.emit("execution_interrupted", { node_id: String(upscaler.id), node_type: "FlexSRUpscaleImage", executed: [] });
+  await settle();
+  steps.upscalerCancelled = panel(upscaler);
+  steps.loaderAfterCancel = panel(loader);
+  api.emit("executing", String(upscaler.id));
+  api.emit("executing", null);  // the run ended (the node never reported): back to the kept plan
+  steps.upscalerSettled = panel(upscaler);
 
   // the page is reloaded: new nodes configured from the saved workflow, no run
   const reopenedLoader = new types.FlexSRLoadUpscaleModel();
@@ -260,6 +271,8 @@ def test_panels_tell_the_truth(pack, chromium, tmp_path, monkeypatch):
     assert steps["upscalerCached"]["text"] == plan and steps["upscalerCached"]["state"] == "ok"
     assert steps["loaderCached"]["text"] == info and steps["refetched"] == 1
     assert steps["reopened"]["text"] == plan and steps["reopenedLoader"]["text"] == info
+    assert steps["upscalerCancelled"]["text"] == "cancelled" and steps["upscalerCancelled"]["state"] == "error"
+    assert steps["loaderAfterCancel"]["text"] == info and steps["upscalerSettled"]["text"] == plan
     # panels size to their text: a shorter report shrinks the panel and the node
     long, short = steps["saverLong"], steps["saverShort"]
     assert long["lines"] == 5 and short["lines"] == 1 and short["text"] == "saved tiny_copy.safetensors"

@@ -8,8 +8,9 @@
 //   count × size, context, precision, device, batch). The text is kept in node.properties (saved with
 //   the workflow, never a widget value), shown again when the workflow is reopened and when the result
 //   is served from the cache.
-// - Every FlexSR panel says "running…" when its node starts executing and shows the error when the node
-//   fails; it is sized to its text (no blank rows after a shorter report).
+// - Every FlexSR panel says "running…" when its node starts executing, shows the error when the node
+//   fails and "cancelled" when the run is cancelled there; it is sized to its text (no blank rows after a
+//   shorter report).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -163,11 +164,39 @@ function eventNodeId(detail) {
   return detail ?? null;
 }
 
-/** A FlexSR node starts running: its panel no longer describes the present. */
+function graphNodes() {
+  const graph = app.graph ?? app.canvas?.graph;
+  return graph?._nodes ?? graph?.nodes ?? [];
+}
+
+function isLoader(node) {
+  return node?.type === LOADER || node?.comfyClass === LOADER;
+}
+
+/** The run is over: a panel still saying "running…" goes back to what is known. */
+export function settleBusy() {
+  for (const node of graphNodes()) {
+    const element = node.widgets?.find((w) => w.name === PANEL)?.flexsrElement;
+    if (!isFlexSR(node) || element?.dataset.state !== "busy") continue;
+    if (isLoader(node)) refreshModelInfo(node);
+    else if (!showRemembered(node)) showText(node, "no report yet", "busy");
+  }
+}
+
+/** A FlexSR node starts running: its panel no longer describes the present. ``null``: the run ended. */
 export function onExecuting(detail) {
-  const node = nodeById(eventNodeId(detail));
+  const id = eventNodeId(detail);
+  if (id === null) return settleBusy();
+  const node = nodeById(id);
   if (!isFlexSR(node)) return;
   showText(node, "running…", "busy");
+}
+
+/** Cancel: the node that was running says so. */
+export function onExecutionInterrupted(detail) {
+  const node = nodeById(detail?.node_id);
+  if (isFlexSR(node)) showText(node, "cancelled", "error");
+  settleBusy();
 }
 
 /** A node failed: its panel shows why (ComfyUI's error type and message). */
@@ -183,7 +212,7 @@ export function onExecutionCached(detail) {
   for (const id of detail?.nodes ?? []) {
     const node = nodeById(id);
     if (!isFlexSR(node)) continue;
-    if (node.type === LOADER || node.comfyClass === LOADER) refreshModelInfo(node);
+    if (isLoader(node)) refreshModelInfo(node);
     else showRemembered(node);
   }
 }
@@ -194,6 +223,8 @@ app.registerExtension({
     api.addEventListener("executing", (e) => onExecuting(e.detail));
     api.addEventListener("execution_error", (e) => onExecutionError(e.detail));
     api.addEventListener("execution_cached", (e) => onExecutionCached(e.detail));
+    api.addEventListener("execution_interrupted", (e) => onExecutionInterrupted(e.detail));
+    api.addEventListener("execution_success", () => settleBusy());
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData?.name?.startsWith("FlexSR")) return;
