@@ -26,7 +26,7 @@ const MIN_WIDTH = 260;
 const KEYS = ["flexsr_plan", "flexsr_info"];
 const COLORS = { ok: "var(--input-text, #ddd)", busy: "var(--descrip-text, #999)", error: "var(--error-text, #ff6b6b)" };
 const STYLE =
-  "white-space: pre-wrap; font: 11px/15px monospace; background: var(--comfy-input-bg, #222);" +
+  "white-space: pre-wrap; overflow-wrap: anywhere; font: 11px/15px monospace; background: var(--comfy-input-bg, #222);" +
   "border-radius: 4px; padding: 6px; margin: 0; overflow: hidden; box-sizing: border-box; width: 100%; height: 100%;";
 
 /** The text a FlexSR node reported in its UI message, or null. */
