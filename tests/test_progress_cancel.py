@@ -215,3 +215,48 @@ def test_error_reports_name_the_class_not_the_folder(pack):
         return klass.__qualname__ if klass.__module__ == "builtins" else klass.__module__ + "." + klass.__qualname__
 
     assert [full_type_name(c) for c in (Base, Child, Grandchild)] == ["Base", "Child", "Grandchild"]
+
+
+def test_route_is_added_to_comfyuis_server(pack, tmp_path, monkeypatch):
+    """``register_routes`` against stand-ins of ComfyUI's ``server.PromptServer`` and aiohttp's ``web``."""
+    import asyncio
+    import sys
+    import types
+
+    host, model_io = pack.nodes.host, pack.nodes.model_io
+    monkeypatch.setenv("FLEXSR_UPSCALE_MODELS", str(tmp_path))
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), tmp_path / "tiny.pth")
+    routes = {}
+
+    class RouteTable:
+        def get(self, path):
+            def add(handler):
+                routes[path] = handler
+                return handler
+            return add
+
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(routes=RouteTable())})
+    web = types.ModuleType("aiohttp.web")
+    web.json_response = lambda body, status=200: (status, body)
+    aiohttp = types.ModuleType("aiohttp")
+    aiohttp.web = web
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
+    monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    host.forget_host()
+    try:
+        assert host.register_routes(model_io.describe_file)
+        handler = routes[host.MODEL_INFO_ROUTE]
+        request = types.SimpleNamespace(rel_url=types.SimpleNamespace(query={"name": "tiny.pth"}))
+        status, body = asyncio.run(handler(request))
+        assert status == 200 and body["info"] == model_io.describe_file(tmp_path / "tiny.pth")
+        request.rel_url.query = {"name": "nope.pth"}
+        assert asyncio.run(handler(request))[0] == 404
+    finally:
+        host.forget_host()
+
+
+def test_no_route_outside_comfyui(pack):
+    pack.nodes.host.forget_host()
+    assert pack.nodes.host.register_routes(pack.nodes.model_io.describe_file) is False
