@@ -320,7 +320,7 @@ def run(args) -> int:
             page.wait_for_timeout(2500)
             s.shot("template_browser")
             # the browser fetches each thumbnail, then shows it from a blob: URL
-            thumbs = {n: [status for url, status in responses if f"/workflow_templates/" in url and url.endswith(f"/{n}.jpg")]
+            thumbs = {n: [status for url, status in responses if "/workflow_templates/" in url and url.endswith(f"/{n}.jpg")]
                       for n in TEMPLATES}
             shown = page.evaluate("() => [...document.querySelectorAll('img')].filter((i) => i.complete && "
                                   "i.naturalWidth > 0).length")

@@ -55,7 +55,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def describe(model: ImageModelDescriptor) -> str:
     """One line per fact: architecture, scale, parameters, channels, size needs, precisions."""
-    arch = model.architecture
     req = model.size_requirements
     needs = []
     if req.minimum:
