@@ -297,6 +297,8 @@ def run(args) -> int:
             gaps = [(b - a) / 1000 for a, b in zip(ticks, ticks[1:])]
             latency = (stop["t"] - pressed) / 1000
             check.facts.update(progress_messages=len(ticks) - 1, largest_progress_gap_s=round(max(gaps or [0]), 2),
+                               first_progress_after_s=round(gaps[0], 2) if gaps else None,
+                               largest_gap_after_the_first_s=round(max(gaps[1:] or [0]), 2),
                                ran_before_cancel_s=round((pressed - start) / 1000, 1),
                                cancel_latency_s=round(latency, 2), stopped_by=stop["type"])
             check(len(ticks) > 3 and max(gaps) <= 1.0,
