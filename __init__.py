@@ -8,11 +8,13 @@ yourself there.
 
 from . import archs
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from .nodes.host import in_comfyui, register_pack_models
+from .nodes import host, model_io
 
-if in_comfyui():
+if host.in_comfyui():
     archs.install()
-    register_pack_models()
+    host.register_pack_models()
+    host.register_routes(model_io.describe_file)  # GET /flexsr/model_info?name=... for the loader's panel
+    host.short_error_names(archs.FlexSRError)  # error reports name the class, not the folder's path
 
 WEB_DIRECTORY = "./web"
 

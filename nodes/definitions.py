@@ -6,7 +6,7 @@ import logging
 
 from . import host, model_io
 from .channels import ALPHA_MODES
-from .engine import PRECISIONS, upscale_image
+from .engine import CPU_WORKSET, PRECISIONS, upscale_image
 
 log = logging.getLogger("flexsr")
 
@@ -67,7 +67,9 @@ class UpscaleImage:
                 "image": ("IMAGE", {"tooltip": "The images to upscale (grey, RGB or RGBA)."}),
                 "tile_size": ("INT", {
                     "default": 0, "min": 0, "max": 8192, "step": 8,
-                    "tooltip": "Tile size in input pixels; 0 = automatic from free memory (the whole image when it fits).",
+                    "tooltip": "Tile size in input pixels; 0 = automatic: the whole image in one model call when it "
+                               "fits the memory budget (free GPU memory; on a CPU 40% of the available RAM, at most "
+                               f"{CPU_WORKSET >> 30} GiB), measured from the model's cost; otherwise even tiles.",
                 }),
                 "overlap": ("INT", {
                     "default": 32, "min": 0, "max": 512, "step": 8,

@@ -15,7 +15,9 @@ How a run goes:
    output tensor in place (:mod:`.blend`), so peak memory is input + output + one batch's working set.
 5. On out-of-memory the batch is halved, then the tile size, and only the pending tiles are re-split:
    finished tiles stay. Below the floor size :class:`UpscaleOutOfMemoryError` is raised.
-6. The cancel check runs before every model call; progress is reported after every batch.
+6. The cancel check runs before every model call and, through forward hooks on the model's modules
+   (:mod:`.watch`), between modules inside it; progress is reported after every batch and, from the
+   same hooks, every quarter second inside a model call.
 7. A target scale below the model's is reached by an antialiased bicubic downscale of the result;
    above it, the model is applied again (at most :data:`MAX_PASSES` passes), then resized to the target.
 """
@@ -39,6 +41,7 @@ from .blend import write_tile
 from .channels import ALPHA_MODES, Job, plan_channels
 from .heap import kept_heap
 from .tiles import Layout, Tile, describe, plan_tiles, resplit
+from .watch import ModuleWatch
 
 log = logging.getLogger("flexsr")
 
@@ -337,7 +340,8 @@ class TileRunner:
     """Runs one model over tiles of ``[B, C, H, W]`` sources, blending into destinations in place."""
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, layout: Layout, tile: int, batch: int,
-                 report: Report, check_cancel: Callable[[], None], on_progress: Callable[[int], None]):
+                 report: Report, check_cancel: Callable[[], None], on_progress: Callable[[int], None],
+                 on_partial: Optional[Callable[[int], None]] = None):
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -347,6 +351,8 @@ class TileRunner:
         self.report = report
         self.check_cancel = check_cancel
         self.on_progress = on_progress
+        self.on_partial = on_partial  # input px of the running call done so far (from the module hooks)
+        self.watch = ModuleWatch(model.model, check_cancel)
         self.oom = host.oom_types()
         self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
         self.used_batch = 1
@@ -418,13 +424,16 @@ class TileRunner:
         if pre is not None:
             x = pre(x)
         self.report.model_calls += 1
-        y = self._forward(x)
-        if self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
-            log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
-            self.report.notes.append(f"{NAMES.get(self.dtype)} overflowed → fp32")
-            self.dtype = torch.float32
-            self.report.precision = "fp32"
+        area = sum(t.core_area for t in group)
+        self.watch.on_fraction = None if self.on_partial is None else (lambda f: self.on_partial(int(f * area)))
+        with self.watch.attached(), self.watch.call(tuple(x.shape)):
             y = self._forward(x)
+            if self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
+                log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
+                self.report.notes.append(f"{NAMES.get(self.dtype)} overflowed → fp32")
+                self.dtype = torch.float32
+                self.report.precision = "fp32"
+                y = self._forward(x)
         if not bool(torch.isfinite(y).all()):  # inputs are finite (check_image): the model produced NaN/Inf
             m = self.model
             arch = getattr(getattr(m, "architecture", None), "name", type(m).__name__)
@@ -546,12 +555,23 @@ class _Progress:
     def __init__(self, total: int, callback: Optional[Callable[[int, int], None]]):
         self.total = max(1, total)
         self.done = 0
+        self.shown = 0
         self.callback = callback
 
     def add(self, amount: int) -> None:
         self.done = min(self.total, self.done + amount)
+        self._show(self.done)
+
+    def partial(self, amount: int) -> None:
+        """``amount`` more of the running model call is done (not committed; never shown going back)."""
+        self._show(min(self.total, self.done + amount))
+
+    def _show(self, value: int) -> None:
+        if value < self.shown:
+            return
+        self.shown = value
         if self.callback is not None:
-            self.callback(self.done, self.total)
+            self.callback(value, self.total)
 
 
 def _passes(model_scale: int, target: float) -> int:
@@ -663,7 +683,7 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     out = (torch.empty if whole else torch.zeros)(b, h * s, w * s, out_c, dtype=torch.float32)
     out_bchw = out.permute(0, 3, 1, 2)
     src_bchw = image.permute(0, 3, 1, 2)
-    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add)
+    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add, tracker.partial)
     runner.dst_zeroed = not whole
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]

@@ -253,3 +253,80 @@ def progress_bar(total: int):
     if utils is not None and hasattr(utils, "ProgressBar") and in_comfyui():
         return utils.ProgressBar(total)
     return PlainProgressBar(total, progress_callback)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pack's HTTP route and error names (ComfyUI's server and error reports)
+
+#: The route the web extension asks for a model's description: ``GET /flexsr/model_info?name=<model_name>``.
+MODEL_INFO_ROUTE = "/flexsr/model_info"
+
+
+def prompt_server():
+    """ComfyUI's running ``PromptServer`` (None outside ComfyUI or before the server exists)."""
+    module = _import("server")
+    server_class = getattr(module, "PromptServer", None) if module is not None else None
+    return getattr(server_class, "instance", None)
+
+
+def model_info_reply(name: Optional[str], describe_file: Callable[[Path], str]) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for ``GET /flexsr/model_info?name=...``: the description of a listed model.
+
+    200 ``{"name", "info"}``; 400 without a name; 404 for a name that is not in the ``upscale_models``
+    folders; 422 ``{"name", "error", "type"}`` when the file is there but does not load.
+    """
+    if not name:
+        return 400, {"error": "Give the model's name: /flexsr/model_info?name=<model_name>."}
+    if name not in model_names():
+        return 404, {"name": name, "error": f"'{name}' is not in any upscale_models folder.", "type": "FileNotFoundError"}
+    try:
+        return 200, {"name": name, "info": describe_file(model_path(name))}
+    except Exception as e:  # the file is listed but does not load: say why, as the loader node would
+        return 422, {"name": name, "error": str(e), "type": type(e).__name__}
+
+
+def register_routes(describe_file: Callable[[Path], str]) -> bool:
+    """Add ``GET /flexsr/model_info`` to ComfyUI's server (True when added; nothing outside ComfyUI).
+
+    The description is computed in a worker thread (loading a checkpoint must not block the server).
+    """
+    server = prompt_server()
+    routes = getattr(server, "routes", None)
+    if routes is None:
+        return False
+    try:
+        import asyncio
+
+        from aiohttp import web
+    except ImportError:
+        return False
+
+    async def model_info(request):
+        name = request.rel_url.query.get("name")
+        status, body = await asyncio.get_running_loop().run_in_executor(None, model_info_reply, name, describe_file)
+        return web.json_response(body, status=status)
+
+    try:
+        routes.get(MODEL_INFO_ROUTE)(model_info)
+    except Exception as e:  # a server without the usual route table: the panel then shows run results only
+        log.warning("FlexSR: could not add %s: %s", MODEL_INFO_ROUTE, e)
+        return False
+    return True
+
+
+def short_error_names(base: type) -> None:
+    """Show ``base`` and its subclasses by class name alone in ComfyUI's error reports.
+
+    ComfyUI names an exception's type ``<module>.<class>``, and a custom node pack's module is named
+    after its folder's full path; with ``__module__ = "builtins"`` the report says just the class name
+    (``ModelExistsError``). Only called inside ComfyUI.
+    """
+    seen: set[type] = set()
+    todo = [base]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        cls.__module__ = "builtins"
+        todo.extend(cls.__subclasses__())

@@ -69,7 +69,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def describe(model: ImageModelDescriptor) -> str:
     """One line per fact: architecture, scale, parameters, channels, size needs, precisions."""
-    arch = model.architecture
     req = model.size_requirements
     needs = []
     if req.minimum:
@@ -83,7 +82,7 @@ def describe(model: ImageModelDescriptor) -> str:
     precisions = ["fp32"] + (["fp16"] if model.supports_half else []) + (["bf16"] if model.supports_bfloat16 else [])
     fusable = fusable_modules(model)
     lines = [
-        f"architecture: {arch.name} ({arch.id})",
+        f"architecture: {arch_label(model)}",
         f"purpose: {model.purpose}, scale: {model.scale}×",
         f"parameters: {parameter_count(model):,}",
         f"channels: {model.input_channels} → {model.output_channels}",
@@ -96,6 +95,32 @@ def describe(model: ImageModelDescriptor) -> str:
         fused = sum(1 for m in fusable if m.fused)
         lines.append(f"OmniShift: {len(fusable)} modules, {fused} fused")
     return "\n".join(lines)
+
+
+def arch_label(model: ImageModelDescriptor) -> str:
+    """The architecture's name, with its spandrel id in brackets only when that says something more."""
+    name, arch_id = str(model.architecture.name), str(model.architecture.id)
+    return name if arch_id.lower() == name.lower() else f"{name} ({arch_id})"
+
+
+_described: dict[str, tuple[tuple[int, int], str]] = {}
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """:func:`describe` of the model in ``path``, cached per file (path, size and modification time).
+
+    Loads the weights on the CPU (no forward pass) the first time; a changed file is read again.
+    """
+    path = Path(path)
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    key = str(path.resolve())
+    hit = _described.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    text = describe(load(path))
+    _described[key] = (stamp, text)
+    return text
 
 
 def copy_descriptor(model: ImageModelDescriptor, tags: Optional[list[str]] = None) -> ImageModelDescriptor:

@@ -9,12 +9,17 @@ with the pack's nodes (ComfyUI's own LoadImage and SaveImage replaced by small s
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
+from PIL import Image as PILImage
 from spandrel.architectures.Compact import Compact
 
 from packutil import ROOT, pack  # noqa: F401  (session fixture)
+
+sys.path.insert(0, str(ROOT / "bench"))
+from template_thumbnails import feather_mask, solid_mask  # noqa: E402  (ComfyUI's mask nodes, as they compute)
 
 WORKFLOWS = ROOT / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -28,6 +33,16 @@ BUILTIN = {
     "SaveImage": {
         "input": {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
         "output": (),
+    },
+    "SolidMask": {
+        "input": {"required": {"value": ("FLOAT", {"min": 0.0, "max": 1.0}), "width": ("INT", {"min": 1}),
+                               "height": ("INT", {"min": 1})}},
+        "output": ("MASK",),
+    },
+    "FeatherMask": {
+        "input": {"required": {"mask": ("MASK",), "left": ("INT", {"min": 0}), "top": ("INT", {"min": 0}),
+                               "right": ("INT", {"min": 0}), "bottom": ("INT", {"min": 0})}},
+        "output": ("MASK",),
     },
 }
 
@@ -148,6 +163,10 @@ def execute(pack, prompt: dict) -> dict:
                 results[node_id] = Image.load(**kwargs)
             elif kind == "SaveImage":
                 results[node_id] = Image.save(**kwargs)
+            elif kind == "SolidMask":
+                results[node_id] = solid_mask(**kwargs)
+            elif kind == "FeatherMask":
+                results[node_id] = feather_mask(**kwargs)
             else:
                 cls = pack.NODE_CLASS_MAPPINGS[kind]
                 out = getattr(cls(), cls.FUNCTION)(**kwargs)
@@ -174,12 +193,43 @@ def test_upscale_workflow_runs(pack, model_folder):
     assert prefix == "FlexSR" and images.shape == (1, 48, 40, 3)
 
 
-def test_rgba_workflow_runs_and_keeps_the_masks_alpha(pack, model_folder):
+def test_rgba_workflow_makes_its_alpha_and_keeps_it(pack, model_folder):
+    """The alpha comes from masks made inside the workflow (example.png has none): opaque middle, clear edges."""
     execute(pack, to_api(load("upscale_rgba_with_mask.json"), node_specs(pack)))
     (prefix, images), = Image.saved
     assert images.shape == (1, 48, 40, 4)
     alpha = images[0, :, :, 3]
-    assert float(alpha[:, :4].mean()) < 0.1 and float(alpha[:, -4:].mean()) > 0.9  # transparent left, opaque right
+    assert float(alpha[20:28, 16:24].mean()) > 0.95
+    assert float(alpha[:, :2].mean()) < 0.15 and float(alpha[:2, :].mean()) < 0.15 and float(alpha[-2:, :].mean()) < 0.15
+
+
+def test_feather_mask_stand_in_fades_each_edge():
+    mask, = feather_mask(solid_mask(1.0, 8, 6)[0], 4, 2, 0, 0)
+    assert torch.allclose(mask[0, 5, :4], torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    assert torch.allclose(mask[0, :2, 7], torch.tensor([0.5, 1.0])) and float(mask[0, 3:, 4:].min()) == 1.0
+
+
+#: The view a template opens in: ComfyUI's side bar and top bar cover the canvas's left and top edges.
+VIEW = {"left": 100, "top": 100, "width": 1600, "height": 900}
+
+
+@pytest.mark.parametrize("name", ["fuse_and_save_model", "upscale_image", "upscale_rgba_with_mask"])
+def test_template_opens_inside_the_view_with_a_thumbnail(name):
+    workflow = load(f"{name}.json")
+    ds = workflow["extra"]["ds"]
+    scale, (ox, oy) = ds["scale"], ds["offset"]
+    for node in workflow["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        left, top = (x + ox) * scale, (y - 40 + oy) * scale  # 40: the title bar and the pack's badge above it
+        right, bottom = (x + w + ox) * scale, (y + h + oy) * scale
+        assert left >= VIEW["left"] and top >= VIEW["top"], f"{node['type']} at {node['pos']} is under the bars"
+        assert right <= VIEW["width"] and bottom <= VIEW["height"], f"{node['type']} ends outside {VIEW}"
+        if node["type"] == "FlexSRLoadUpscaleModel":
+            assert w >= 400, "room for the model_name label and a long file name"
+    thumb = WORKFLOWS / f"{name}.jpg"
+    assert thumb.is_file(), f"the template browser asks for {thumb.name}"
+    with PILImage.open(thumb) as im:
+        assert im.format == "JPEG" and im.size[0] >= 256 and im.size[1] >= 192
 
 
 def test_fuse_workflow_runs_and_saves_a_model(pack, model_folder):

@@ -1,0 +1,262 @@
+"""Progress inside a model call and cancelling between its modules (the engine's hooks), and the pack's
+model-info route and error names (what the front end shows)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from spandrel import ImageModelDescriptor
+from spandrel.architectures.Compact import Compact
+
+from packutil import pack  # noqa: F401  (session fixture)
+
+
+@pytest.fixture
+def engine(pack):
+    return pack.nodes.engine
+
+
+@pytest.fixture
+def watch(pack, monkeypatch):
+    module = pack.nodes.watch
+    monkeypatch.setattr(module, "REPORT_EVERY", 0.0)  # every finished module reports (no clock in tests)
+    monkeypatch.setattr(module, "CHECK_EVERY", 0.0)
+    return module
+
+
+def compact(pack, num_conv=6):
+    module = Compact(num_feat=8, num_conv=num_conv, upscale=2).eval()
+    return pack.archs.load_model(module.state_dict())
+
+
+class Trip(torch.nn.Module):
+    """Runs ``inner``; on its ``at``-th call, calls ``action`` first (a user pressing Cancel mid-model)."""
+
+    def __init__(self, inner, action, at=1):
+        super().__init__()
+        self.inner, self.action, self.at, self.calls = inner, action, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            self.action()
+        return self.inner(x)
+
+
+def with_body(model, index, wrap):
+    """``model`` (Compact) with body module ``index`` wrapped by ``wrap(module)``."""
+    body = model.model.body
+    body[index] = wrap(body[index])
+    return model
+
+
+def test_progress_moves_inside_a_single_model_call(pack, engine, watch):
+    model = compact(pack)
+    seen = []
+    out, report = engine.upscale_image(model, torch.rand(1, 40, 40, 3), device="cpu",
+                                       progress=lambda done, total: seen.append((done, total)))
+    assert report.model_calls == 1 and report.tiles == 1
+    total = seen[-1][1]
+    inside = [d for d, _ in seen if 0 < d < total]
+    assert len(inside) >= 5, f"only {len(inside)} updates inside the one model call"
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])) and seen[-1][0] == total
+    assert out.shape == (1, 80, 80, 3)
+
+
+def test_later_calls_report_fractions_from_the_first_calls_count(pack, watch):
+    fractions = []
+    module = Compact(num_feat=4, num_conv=4, upscale=2).eval()
+    w = watch.ModuleWatch(module, on_fraction=fractions.append)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.inference_mode(), w.attached():
+        with w.call(x.shape):
+            module(x)
+        first = list(fractions)
+        fractions.clear()
+        with w.call(x.shape):
+            module(x)
+    assert fractions == sorted(fractions) and 0.9 <= fractions[-1] <= watch.MAX_FRACTION
+    assert len(first) == len(fractions) == w.learned[x.shape]
+    assert not any(m._forward_hooks for m in module.modules()), "no hook is left behind"
+
+
+def test_reports_and_checks_follow_the_clock(pack):
+    watch = pack.nodes.watch
+    now = [0.0]
+
+    class Tick(torch.nn.Module):  # each module "takes" a quarter second
+        def forward(self, x):
+            now[0] += 0.25
+            return x
+
+    module = torch.nn.Sequential(*[Tick() for _ in range(10)])
+    fractions, checks = [], []
+    w = watch.ModuleWatch(module, check_cancel=lambda: checks.append(now[0]), on_fraction=fractions.append,
+                          report_every=1.0, check_every=0.1, clock=lambda: now[0])
+    with w.attached(), w.call("x"):
+        module(torch.zeros(1))
+    # 11 modules finish: 10 ticks 0.25 s apart (each checks), then the Sequential at the same moment as its
+    # last tick (no second check); a report at 1.0 s and 2.0 s
+    assert checks == [0.25 * i for i in range(1, 11)]
+    assert len(fractions) == 2 and fractions == sorted(fractions)
+
+
+def test_cancel_takes_effect_between_modules_inside_the_model_call(pack, engine, watch):
+    host = pack.nodes.host
+    model = compact(pack)
+    last = model.model.body[-1]
+    ran_after = []
+    last.register_forward_hook(lambda *a: ran_after.append(1))
+    with_body(model, 3, lambda m: Trip(m, host.request_interrupt))
+    with pytest.raises(host.Interrupted):
+        engine.upscale_image(model, torch.rand(1, 32, 32, 3), tile_size=32, device="cpu")  # no memory probe
+    assert ran_after == [], "the modules after the cancel did not run"
+    out, _ = engine.upscale_image(model, torch.rand(1, 8, 8, 3), device="cpu")  # the flag was consumed
+    assert out.shape == (1, 16, 16, 3)
+    assert not any(m._forward_hooks for m in model.model.modules() if m is not last)
+
+
+def test_cancel_inside_comfyui_raises_its_own_exception_mid_model(pack, engine, watch):
+    """The engine's cancel callback is whatever the host gives: ComfyUI's check raises its exception type."""
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    pressed = {"flag": False}
+
+    def check():
+        if pressed["flag"]:
+            raise InterruptProcessingException()
+
+    model = with_body(compact(pack), 2, lambda m: Trip(m, lambda: pressed.update(flag=True)))
+    with pytest.raises(InterruptProcessingException):
+        engine.upscale_image(model, torch.rand(1, 32, 32, 3), tile_size=32, device="cpu", check_cancel=check)
+
+
+class NoHooks(torch.nn.Module):
+    """A module that refuses forward hooks (as scripted modules do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def register_forward_hook(self, *args, **kwargs):
+        raise RuntimeError("no hooks here")
+
+
+def test_a_model_that_refuses_hooks_still_runs(pack, engine, watch):
+    base = compact(pack)
+    module = NoHooks(base.model)
+    model = ImageModelDescriptor(module, module.state_dict(), architecture=base.architecture, purpose="SR",
+                                 tags=[], supports_half=False, supports_bfloat16=False, scale=2, input_channels=3,
+                                 output_channels=3)
+    seen = []
+    out, _ = engine.upscale_image(model, torch.rand(1, 16, 16, 3), device="cpu",
+                                  progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (1, 32, 32, 3) and seen[-1][0] == seen[-1][1]
+    assert not any(m._forward_hooks for m in module.modules())
+
+
+# --------------------------------------------------------------------------------------------------
+# What the front end asks and shows
+
+
+def test_model_info_route_replies(pack, tmp_path, monkeypatch):
+    host, model_io = pack.nodes.host, pack.nodes.model_io
+    monkeypatch.setenv("FLEXSR_UPSCALE_MODELS", str(tmp_path))
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), tmp_path / "tiny.pth")
+    (tmp_path / "broken.pth").write_bytes(b"nope")
+    status, body = host.model_info_reply("tiny.pth", model_io.describe_file)
+    assert status == 200 and body["info"].startswith("architecture: ") and "scale: 2×" in body["info"]
+    status, body = host.model_info_reply("broken.pth", model_io.describe_file)
+    assert status == 422 and body["type"] and "." not in body["type"] and body["error"]
+    assert host.model_info_reply("missing.pth", model_io.describe_file)[0] == 404
+    assert host.model_info_reply("../tiny.pth", model_io.describe_file)[0] == 404
+    assert host.model_info_reply("", model_io.describe_file)[0] == 400
+
+
+def test_model_descriptions_are_cached_per_file_version(pack, tmp_path, monkeypatch):
+    model_io = pack.nodes.model_io
+    path = tmp_path / "m.pth"
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), path)
+    loads = []
+    real = model_io.load
+    monkeypatch.setattr(model_io, "load", lambda p: loads.append(p) or real(p))
+    first = model_io.describe_file(path)
+    assert model_io.describe_file(path) == first and len(loads) == 1
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=4).state_dict(), path)
+    os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    second = model_io.describe_file(path)
+    assert len(loads) == 2 and "scale: 4×" in second and "scale: 2×" in first
+
+
+def test_descriptions_name_an_architecture_once(pack):
+    describe = pack.nodes.model_io.describe
+    shipped = pack.archs.load_model(pack.nodes.host.PACK_MODELS / "FlexSR_default_x2.safetensors")
+    assert describe(shipped).splitlines()[0] == "architecture: FlexNet"  # not "FlexNet (FlexNet)"
+    assert describe(compact(pack)).splitlines()[0] == "architecture: RealESRGAN Compact (Compact)"
+
+
+def test_error_reports_name_the_class_not_the_folder(pack):
+    """ComfyUI shows ``<module>.<class>``; the pack's module is named after its folder's full path."""
+
+    folder_module = "/home/me/ComfyUI/custom_nodes/FlexSR.archs.errors"
+    Base = type("Base", (Exception,), {"__module__": folder_module})
+    Child = type("Child", (Base,), {"__module__": folder_module})
+    Grandchild = type("Grandchild", (Child,), {"__module__": folder_module})
+    pack.nodes.host.short_error_names(Base)
+
+    def full_type_name(klass):  # as ComfyUI's execution.py names an exception's type
+        return klass.__qualname__ if klass.__module__ == "builtins" else klass.__module__ + "." + klass.__qualname__
+
+    assert [full_type_name(c) for c in (Base, Child, Grandchild)] == ["Base", "Child", "Grandchild"]
+
+
+def test_route_is_added_to_comfyuis_server(pack, tmp_path, monkeypatch):
+    """``register_routes`` against stand-ins of ComfyUI's ``server.PromptServer`` and aiohttp's ``web``."""
+    import asyncio
+    import sys
+    import types
+
+    host, model_io = pack.nodes.host, pack.nodes.model_io
+    monkeypatch.setenv("FLEXSR_UPSCALE_MODELS", str(tmp_path))
+    torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), tmp_path / "tiny.pth")
+    routes = {}
+
+    class RouteTable:
+        def get(self, path):
+            def add(handler):
+                routes[path] = handler
+                return handler
+            return add
+
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(routes=RouteTable())})
+    web = types.ModuleType("aiohttp.web")
+    web.json_response = lambda body, status=200: (status, body)
+    aiohttp = types.ModuleType("aiohttp")
+    aiohttp.web = web
+    monkeypatch.setitem(sys.modules, "server", server)
+    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
+    monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    host.forget_host()
+    try:
+        assert host.register_routes(model_io.describe_file)
+        handler = routes[host.MODEL_INFO_ROUTE]
+        request = types.SimpleNamespace(rel_url=types.SimpleNamespace(query={"name": "tiny.pth"}))
+        status, body = asyncio.run(handler(request))
+        assert status == 200 and body["info"] == model_io.describe_file(tmp_path / "tiny.pth")
+        request.rel_url.query = {"name": "nope.pth"}
+        assert asyncio.run(handler(request))[0] == 404
+    finally:
+        host.forget_host()
+
+
+def test_no_route_outside_comfyui(pack):
+    pack.nodes.host.forget_host()
+    assert pack.nodes.host.register_routes(pack.nodes.model_io.describe_file) is False
