@@ -102,7 +102,7 @@ def main() -> None:
     out = Path(a.out)
     model_args = ["--pretrained", a.pretrained] if a.pretrained else ["--arch", a.arch, "--arch-args", a.arch_args]
     common = [*model_args, "--scale", str(a.scale), "--data", *a.data, "--steps", str(a.steps), "--seed", str(a.seed),
-              "--threads", str(a.threads), "--val-every", "0", "--save-every", "0", "--no-progress",
+              "--threads", str(a.threads), "--val-every", "0", "--save-every", "0", "--no-progress", "--overwrite",
               *a.extra.split()]
     print(f"# FlexSR recipe A/B on drawn art — {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{a.threads} thread(s), load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
