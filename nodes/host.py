@@ -88,18 +88,26 @@ def model_folders() -> list[Path]:
     return folders + [PACK_MODELS]
 
 
+#: The pack's own models, listed first in this order (the drawn-art upscalers before the small demo model).
+SHIPPED_FIRST = ("FlexSR_anime_x2.safetensors", "FlexSR_anime_x4.safetensors", "FlexSR_default_x2.safetensors")
+
+
 def model_names() -> list[str]:
-    """Every model file in the ``upscale_models`` folders (subfolders too), as relative names."""
+    """Every model file in the ``upscale_models`` folders (subfolders too), as relative names; the pack's
+    shipped models (:data:`SHIPPED_FIRST`) first, the rest sorted."""
     fp = folder_paths()
     if fp is not None:
-        return list(fp.get_filename_list(FOLDER))
-    names: set[str] = set()
-    for folder in model_folders():
-        if folder.is_dir():
-            for path in folder.rglob("*"):
-                if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
-                    names.add(path.relative_to(folder).as_posix())
-    return sorted(names)
+        names = list(fp.get_filename_list(FOLDER))
+    else:
+        found: set[str] = set()
+        for folder in model_folders():
+            if folder.is_dir():
+                for path in folder.rglob("*"):
+                    if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
+                        found.add(path.relative_to(folder).as_posix())
+        names = sorted(found)
+    first = [n for n in SHIPPED_FIRST if n in names]
+    return first + [n for n in names if n not in first]
 
 
 def model_path(name: str) -> Path:

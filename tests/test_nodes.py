@@ -423,3 +423,16 @@ def test_flexsr_families_interoperate_with_spandrel(pack, nodes, models_dir):
         assert torch.allclose(run(theirs, image), run(model, image), atol=1e-5)
     torch.save(Compact(num_feat=4, num_conv=1, upscale=2).state_dict(), models_dir / "compact.pth")
     assert nodes.LoadUpscaleModel().load("compact.pth")["result"][0].architecture.id == "Compact"
+
+
+def test_loader_lists_the_shipped_models_first(pack, tmp_path, monkeypatch):
+    host = pack.nodes.host
+    (tmp_path / "AAA_first_alphabetically.pth").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "zzz.safetensors").write_bytes(b"")
+    monkeypatch.setenv("FLEXSR_UPSCALE_MODELS", str(tmp_path))
+    names = host.model_names()
+    shipped = [n for n in host.SHIPPED_FIRST if (host.PACK_MODELS / n).is_file()]
+    assert shipped and names[: len(shipped)] == shipped  # the pack's models, in their fixed order
+    rest = names[len(shipped):]
+    assert rest == sorted(rest) and {"AAA_first_alphabetically.pth", "sub/zzz.safetensors"} <= set(rest)
