@@ -58,9 +58,15 @@ def derived(module: nn.Module, name: str, sources, compute):
 
     The cache is keyed by every source tensor's storage, version counter, dtype and device, so it is
     recomputed after any in-place change (``load_state_dict``, an optimizer step, ``copy_``) and after
-    ``.to()``: a folded weight can never go stale. Computed under ``no_grad``; the cache is a plain
-    attribute (not a buffer), so state dicts are unchanged.
+    ``.to()``: a folded weight can never go stale. Inference tensors (weights created under
+    ``torch.inference_mode()``) carry no version counter and are folded on every call instead. Computed
+    under ``no_grad``; the cache is a plain attribute (not a buffer), so state dicts are unchanged.
     """
+    if any(t.is_inference() for t in sources):
+        # weights made under torch.inference_mode() (ComfyUI loads models that way) have no version
+        # counter, so a change to them could not be seen: fold them afresh on every call
+        with torch.no_grad():
+            return compute()
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
     cache = module.__dict__.setdefault("_derived_cache", {})
     hit = cache.get(name)

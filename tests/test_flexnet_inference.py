@@ -76,3 +76,26 @@ def test_training_state_dict_and_fuse_are_untouched():
     model(x).mean().backward()  # the training form: gradients reach every branch and gamma
     block = model.pipeline.att[0].t_blocks[0]
     assert block.gamma1.grad is not None and block.att.omni_shift.alpha.grad is not None
+
+
+def test_model_loaded_under_inference_mode_runs_and_follows_changes(tmp_path):
+    """ComfyUI runs nodes (the loader too) under torch.inference_mode(): the weights are then inference
+    tensors, which carry no version counter."""
+    from safetensors.torch import save_file
+
+    reference = perturbed(FlexNet(**VARIANTS["linear"]))
+    path = tmp_path / "flexnet.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    x = torch.rand(1, 3, 20, 20)
+    with torch.no_grad():
+        want = reference(x)
+    with torch.inference_mode():
+        model = archs.load_model(path).model.eval()
+        assert next(model.parameters()).is_inference()
+        got = model(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        changed = perturbed(copy.deepcopy(reference), seed=2)
+        model.load_state_dict(changed.state_dict())  # in place, without a version bump
+        again = model(x)
+    with torch.no_grad():
+        assert torch.allclose(again, changed(x), atol=1e-5)
