@@ -120,12 +120,12 @@ class Session:
 
     def load_template(self, name: str) -> dict:
         workflow = self.page.evaluate(
-            """async (name) => {
-                 const r = await fetch(`/api/workflow_templates/FlexSR/${name}.json`);
+            """async ([folder, name]) => {
+                 const r = await fetch(`/api/workflow_templates/${encodeURIComponent(folder)}/${name}.json`);
                  const w = await r.json();
                  await window.app.loadGraphData(w, true, true, name);
                  return w;
-               }""", name)
+               }""", [self.pack_key, name])
         self.page.wait_for_timeout(1500)
         return workflow
 
@@ -221,6 +221,7 @@ def run(args) -> int:
             responses: list[tuple[str, int]] = []
             page.on("response", lambda r: responses.append((r.url, r.status)))
             s = Session(page, base, out)
+            s.pack_key = pack_key or "FlexSR"  # the pack's folder name under custom_nodes
             s.open()
             for name in TEMPLATES:
                 if name == "fuse_and_save_model" and saved_model.exists():
