@@ -59,6 +59,8 @@ MAX_BATCH = 16
 #: the pass's input + output bytes (at least CPU_TILED_FLOOR), so peak memory stays near input + output.
 CPU_TILED_SHARE = 0.4
 CPU_TILED_FLOOR = 256 << 20
+#: ... and at least the working set of one tile of this side (px), where the context adds little work.
+CPU_EFFICIENT_TILE = 384
 _ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
 
 
@@ -673,7 +675,10 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     budget, bpp = memory_budget(model, device, dtype, layout, probe=auto, pixels=h * w)
     if device.type == "cpu" and h * w * bpp > budget:  # tiled: keep the working set small beside the output
         io_bytes = b * h * w * c * 4 * (1 + s * s)
-        budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes))
+        # ... but never below one efficient tile: a model that needs much memory per pixel (EIMN: ~7 KB)
+        # would otherwise run many small tiles whose context work costs more than the memory saved
+        efficient = bpp * (CPU_EFFICIENT_TILE + 2 * layout.context) ** 2
+        budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes, efficient))
     tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
     batch = auto_batch(budget, bpp, layout, tile, h, w)
 

@@ -51,6 +51,7 @@ def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monke
     engine = pack.nodes.engine
     monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 20)  # the image does not fit whole
     monkeypatch.setattr(engine, "CPU_TILED_FLOOR", 4 << 20)
+    monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 16)
     model, module = counting_model(pack)
     image = torch.rand(1, 192, 160, 3)
     io_bytes = image.numel() * 4 * (1 + 4)
@@ -64,6 +65,24 @@ def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monke
     module.shapes.clear()
     _, again = engine.upscale_image(model, image, device="cpu")
     assert len(module.shapes) == again.model_calls, "the measured cost is cached: no second probe"
+
+
+def test_a_costly_model_still_gets_tiles_of_efficient_size(pack, monkeypatch):
+    """A model that needs much memory per pixel is not cut into many small tiles whose context work would
+    cost more than the memory saved: the working set covers one tile of CPU_EFFICIENT_TILE px."""
+    engine = pack.nodes.engine
+    model, module = counting_model(pack)
+    monkeypatch.setattr(engine, "measure_bytes_per_pixel", lambda *a, **k: 200_000.0)  # ~EIMN x 30
+    monkeypatch.setattr(engine, "estimate_bytes_per_pixel", lambda *a, **k: 200_000)
+    monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 96)
+    monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 30)
+    monkeypatch.setattr(engine.host, "available_ram", lambda: 64 << 30)
+    image = torch.rand(1, 400, 400, 3)
+    _, report = engine.upscale_image(model, image, device="cpu")
+    assert report.tiles > 1 and report.tile >= 96, report.plan
+    monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 0)  # without the floor the same model gets small tiles
+    _, small = engine.upscale_image(model, image, device="cpu")
+    assert small.tile < report.tile, (small.plan, report.plan)
 
 
 def test_auto_precision_on_cpu_picks_bf16_only_for_listed_families_with_native_bf16(pack, monkeypatch):
