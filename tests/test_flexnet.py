@@ -13,7 +13,7 @@ from testutil import assert_round_trip
 import archs
 from archs.blocks import pad_to_multiple
 from archs.flexnet import UPSAMPLER_ALIASES, FlexNet, FlexNetArch, MetaFlexNet
-from testutil import spandrel_builtins
+from testutil import perturbed, spandrel_builtins
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flexnet"
 
@@ -180,7 +180,7 @@ def test_output_is_the_crop_of_the_output_on_the_padded_input(make):
 @pytest.mark.parametrize("upsampler", ["ps", "n+c", "dys"])
 def test_bfloat16_runs_and_stays_close(upsampler):
     """The descriptor says supports_bfloat16/half: every tail runs in reduced precision (here bf16 on CPU)."""
-    model = _perturbed(tiny_meta(upsampler=upsampler)).eval()
+    model = perturbed(tiny_meta(upsampler=upsampler)).eval()
     x = torch.rand(1, 3, 9, 7)
     with torch.no_grad():
         want = model(x)
@@ -193,19 +193,8 @@ def test_bfloat16_runs_and_stays_close(upsampler):
 # Fusion
 
 
-def _perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Move every float weight a little off its initialisation, so branches and gammas all matter."""
-    g = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    for k, v in sd.items():
-        if v.dtype.is_floating_point and not k.endswith("init_pos"):
-            sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
-    model.load_state_dict(sd)
-    return model
-
-
 def test_fusion_is_exact_and_fused_state_dict_loads_both_ways():
-    model = _perturbed(tiny(scale=2, channel_norm=True)).eval()
+    model = perturbed(tiny(scale=2, channel_norm=True)).eval()
     x = torch.rand(1, 3, 13, 11)
     with torch.no_grad():
         want = model(x)

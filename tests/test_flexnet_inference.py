@@ -13,16 +13,12 @@ import torch
 
 import archs
 from archs.flexnet import FlexNet
+from testutil import perturbed as _perturbed
 
 
 def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    for k, v in sd.items():
-        if v.dtype.is_floating_point and not k.endswith("init_pos"):
-            sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
-    model.load_state_dict(sd)
-    return model.eval()
+    return _perturbed(model, seed).eval()
+
 
 
 VARIANTS = {

@@ -75,3 +75,14 @@ def spandrel_builtins(order: str = "detection") -> list:
 
     ours = {s.architecture.id for s in archs.REGISTRY.architectures("insertion")}
     return [s for s in MAIN_REGISTRY.architectures(order) if s.architecture.id not in ours]
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Move every float weight a little off its initialisation, so branches and gammas all matter."""
+    g = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    for k, v in sd.items():
+        if v.dtype.is_floating_point and not k.endswith("init_pos"):
+            sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
+    model.load_state_dict(sd)
+    return model

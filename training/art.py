@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
+from .data import to_rgb
+
 SPLITS = ("train", "val", "test")
 #: Fraction of source files per split (by hash; the rest is train).
 SPLIT_FRACTIONS = {"test": 0.08, "val": 0.04}
@@ -313,19 +315,6 @@ def _open_raster(path: Path, opts: BuildOptions) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - broken or unsupported file
         raise SkipImage(f"unreadable: {type(e).__name__}") from e
     return img
-
-
-def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
-    """RGB by mode (16-bit, palette, grey, alpha composited on ``background``)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def _content_crop(img: Image.Image, margin: int = 8) -> Image.Image:

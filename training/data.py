@@ -37,19 +37,24 @@ class DatasetError(BadImageError):
 # Reading images
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB by the image's mode: 16-bit modes scaled by 65535 (never by their values: a dark 16-bit image
+    must stay dark), alpha composited over white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return im.convert("RGB")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``[H, W, 3]`` uint8 RGB (alpha composited over white, 16-bit modes scaled by 65535)."""
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb`)."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 65535.0  # by the mode, never by the values: a dark 16-bit image must stay dark
-            im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, rgba)
-        return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        return np.ascontiguousarray(np.asarray(to_rgb(im), dtype=np.uint8))
 
 
 def _probe(path: Path) -> tuple[int, int]:
