@@ -125,6 +125,7 @@ def test_build_is_deterministic_and_splits_depend_only_on_names(fake_root: Path,
     b = art.build(tmp_path / "b", _opts(fake_root), log=lambda *a: None)
     assert a.summary["manifest_sha256"] == b.summary["manifest_sha256"]
     assert (tmp_path / "a/manifest.jsonl").read_bytes() == (tmp_path / "b/manifest.jsonl").read_bytes()
+    assert a.summary["pixels_sha256"] == b.summary["pixels_sha256"]
     # the split of a file is a function of its package and path alone
     assert art.split_of("openclipart-svg/x.svg", 0) == art.split_of("openclipart-svg/x.svg", 0)
     draws = [art.split_of(f"pkg/file_{i}.svg", 0) for i in range(4000)]
@@ -187,3 +188,25 @@ def test_each_svg_renderer_draws_the_clip_art(renderer: str, fake_root: Path, tm
         w, h = r["size"]
         assert w > h  # aspect ratio kept (the SVGs are wider than tall)
     assert any(s["reason"].startswith("broken svg") for s in res.skipped)
+
+
+def test_pixel_hash_ignores_the_png_encoder_but_not_the_pixels(fake_root: Path, tmp_path: Path):
+    res = art.build(tmp_path / "a", _opts(fake_root), log=lambda *a: None)
+    rec = res.records[0]
+    path = tmp_path / "a" / rec["file"]
+    with Image.open(path) as im:
+        im.load()
+        assert art.pixels_sha256(im) == rec["pixels_sha256"]
+        im.save(tmp_path / "other.png", format="PNG", compress_level=0)  # other bytes, same pixels
+        changed = im.copy()
+    with Image.open(tmp_path / "other.png") as other:
+        other.load()
+        assert (tmp_path / "other.png").read_bytes() != path.read_bytes()
+        assert art.pixels_sha256(other) == rec["pixels_sha256"]
+    changed.putpixel((0, 0), tuple(255 - v for v in changed.getpixel((0, 0))))
+    assert art.pixels_sha256(changed) != rec["pixels_sha256"]
+    # the set's content hash follows every image's pixels
+    records = [dict(r) for r in res.records]
+    assert art.data_pixels_sha256(records) == res.summary["pixels_sha256"]
+    records[-1]["pixels_sha256"] = "0" * 64
+    assert art.data_pixels_sha256(records) != res.summary["pixels_sha256"]

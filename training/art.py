@@ -530,7 +530,8 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
                             "version": ",".join(version_of(p) for p in packages), "licence": licence,
                             "copyright": ",".join(_copyright(p) for p in packages), "source": source,
                             "size": [img.size[0], img.size[1]],
-                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                            "pixels_sha256": pixels_sha256(img)})
 
     jobs = [(i, c, opts) for i, c in enumerate(cands)]
     log(f"rendering/reading {len(jobs)} source files with {opts.workers} workers ...")
@@ -583,6 +584,7 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
         kinds.setdefault(r["kind"], {s: 0 for s in SPLITS})[r["split"]] += 1
     res.summary = {
         "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
+        "pixels_sha256": data_pixels_sha256(res.records),
         "images": counts, "kinds": kinds, "skipped": len(res.skipped), "skipped_by_reason": reasons,
         "packages": {p: v for p, v in versions.items()}, "seed": opts.seed,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
@@ -593,6 +595,20 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
         out.rmdir()
     tmp.rename(out)
     return res
+
+
+def pixels_sha256(img: Image.Image) -> str:
+    """SHA-256 of an image's decoded pixels (mode, size, raw bytes): unlike the file's hash, it does not
+    change with the PNG encoder (pillow or zlib version) that wrote the file."""
+    return hashlib.sha256(f"{img.mode} {img.size[0]}x{img.size[1]}\n".encode() + img.tobytes()).hexdigest()
+
+
+def data_pixels_sha256(records) -> str:
+    """One hash of a data set's content: file names and their pixel hashes, in file-name order. Two builds
+    with the same packages, seed and options give the same value on any machine whose renderer draws the
+    same pixels, whatever PNG encoder wrote the files."""
+    lines = sorted(f"{r['file']} {r['pixels_sha256']}\n" for r in records)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def _font_package(path: Path) -> str:

@@ -667,11 +667,29 @@ def data_manifests(folders) -> dict[str, str]:
     return found
 
 
+def data_pixel_hashes(folders) -> dict[str, str]:
+    """The art builder's ``pixels_sha256`` (``summary.json`` beside the manifest) of each --data folder: the
+    data's content hash, the same whatever PNG encoder wrote the files."""
+    found = {}
+    for folder in folders or []:
+        for cand in (Path(folder) / "summary.json", Path(folder).parent / "summary.json"):
+            if cand.is_file():
+                try:
+                    value = json.loads(cand.read_text()).get("pixels_sha256")
+                except (ValueError, OSError, AttributeError):
+                    value = None
+                if isinstance(value, str):
+                    found[str(folder)] = value
+                break
+    return found
+
+
 def provenance(args, device, seconds: float) -> dict[str, str]:
     """What a shipped model records beside its command: data manifest hash, machine, wall time, versions."""
     import platform
 
     manifests = data_manifests(args.data)
+    pixels = data_pixel_hashes(args.data)
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
@@ -679,6 +697,7 @@ def provenance(args, device, seconds: float) -> dict[str, str]:
     return {
         "data_manifest_sha256": ";".join(f"{k}={v}" for k, v in manifests.items()) if manifests else
                                 ("generated (training/synthetic.py)" if not args.data else "none found"),
+        **({"data_pixels_sha256": ";".join(f"{k}={v}" for k, v in pixels.items())} if pixels else {}),
         "machine": machine,
         "wall_time_s": f"{seconds:.0f}",
         "torch": torch.__version__,
