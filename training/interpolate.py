@@ -1,0 +1,132 @@
+"""Network interpolation: blend the weights of two models of one architecture (ESRGAN's "network
+interpolation", chaiNNer's "Interpolate Models").
+
+    python -m training.interpolate A B --alpha 0.7 --out C.safetensors [--overwrite]
+
+Every floating-point tensor of the result is ``(1 - alpha) * A + alpha * B``; integer buffers (such as
+batch norm's ``num_batches_tracked``) come from ``A``. Both files load through ``archs.load_model``
+(strict keys, any format the loader reads) and must be the same architecture at the same scale with the
+same tensors and shapes. A fine-tune and the checkpoint it started from interpolate well: ``alpha``
+trades what the fine-tune gained on its own material against what the original was better at.
+
+The output is written atomically as .safetensors and read back through the loader; its metadata records
+both parents (file name and SHA-256), ``alpha`` and the command, and keeps ``B``'s metadata (a fine-tune's
+command, seed and data manifest) under ``b_`` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: python training/interpolate.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "training"
+
+import archs  # noqa: E402
+
+from .models import export_safetensors  # noqa: E402
+
+
+class InterpolationError(archs.FlexSRError, ValueError):
+    """The two models cannot be blended (other architecture, scale, tensors or shapes), or alpha is out of range."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def interpolate_state_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float,
+                            names: tuple[str, str] = ("A", "B")) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * a + alpha * b`` for floating-point tensors; other tensors from ``a`` (they must agree)."""
+    if not 0.0 <= alpha <= 1.0 or alpha != alpha:
+        raise InterpolationError(f"alpha must be in 0..1 (0 = {names[0]}, 1 = {names[1]}), got {alpha}")
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise InterpolationError(f"{names[0]} and {names[1]} hold other tensors: only in {names[0]}: "
+                                 f"{only_a[:5]}{' ...' if len(only_a) > 5 else ''}; only in {names[1]}: "
+                                 f"{only_b[:5]}{' ...' if len(only_b) > 5 else ''}")
+    out = {}
+    for key, ta in a.items():
+        tb = b[key]
+        if ta.shape != tb.shape:
+            raise InterpolationError(f"tensor {key!r} has shape {tuple(ta.shape)} in {names[0]} but "
+                                     f"{tuple(tb.shape)} in {names[1]}")
+        if ta.is_floating_point() and tb.is_floating_point():
+            mixed = torch.lerp(ta.detach().double(), tb.detach().double(), alpha)
+            out[key] = mixed.to(ta.dtype)
+        else:
+            out[key] = ta.detach().clone()
+    return out
+
+
+def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
+                      overwrite: bool = False, command: str | None = None) -> Path:
+    """Blend two model files (see the module doc) into ``out`` (.safetensors); returns its path."""
+    path_a, path_b, out = Path(path_a), Path(path_b), Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise InterpolationError(f"the output must be a .safetensors file, got {out.name!r}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.resolve() in (path_a.resolve(), path_b.resolve()):
+        raise InterpolationError("the output must not be one of the inputs")
+    da, db = archs.load_model(path_a), archs.load_model(path_b)
+    ma, mb = da.model, db.model
+    if type(ma) is not type(mb):
+        raise InterpolationError(f"{path_a.name} is a {type(ma).__name__}, {path_b.name} a {type(mb).__name__}: "
+                                 "only models of one architecture can be blended")
+    if da.scale != db.scale:
+        raise InterpolationError(f"{path_a.name} upscales x{da.scale}, {path_b.name} x{db.scale}")
+    blended = interpolate_state_dicts(ma.state_dict(), mb.state_dict(), alpha, (path_a.name, path_b.name))
+    ma.load_state_dict(blended, strict=True)
+    for m in archs.fusable_modules(ma):
+        m.refresh_fused()  # stored fused kernels follow the blended branches
+    meta_b = {}
+    try:
+        from safetensors import safe_open
+
+        if path_b.suffix.lower() == ".safetensors":
+            with safe_open(str(path_b), "pt") as f:
+                meta_b = dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights loaded above
+        meta_b = {}
+    meta = {f"b_{k}": v for k, v in meta_b.items() if k not in ("flexsr_architecture", "scale")}
+    meta.update({
+        "flexsr_architecture": meta_b.get("flexsr_architecture", type(ma).__name__),
+        "scale": str(da.scale),
+        "interpolation": f"(1 - alpha) * A + alpha * B, alpha = {alpha:g}",
+        "a": f"{path_a.name} sha256={_sha256(path_a)}",
+        "b": f"{path_b.name} sha256={_sha256(path_b)}",
+        "command": command or f"python -m training.interpolate {path_a} {path_b} --alpha {alpha:g} --out {out}",
+    })
+    return export_safetensors(ma.cpu().eval(), out, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.interpolate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", help="first model file (alpha = 0 gives this one)")
+    ap.add_argument("b", help="second model file (alpha = 1 gives this one)")
+    ap.add_argument("--alpha", type=float, required=True, help="weight of B, 0..1")
+    ap.add_argument("--out", required=True, help="output .safetensors file")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    args = ap.parse_args(argv)
+    command = "python -m training.interpolate " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        path = interpolate_files(args.a, args.b, args.alpha, args.out, args.overwrite, command)
+    except (InterpolationError, FileExistsError, archs.FlexSRError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
