@@ -15,6 +15,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .reparam import ReparamModule, fusable_modules, fuse
+from .interpolate import InterpolationError, interpolate_models, interpolate_state_dicts
 from .registry import (
     REGISTRY,
     FlexSRArchitecture,
@@ -61,6 +62,9 @@ __all__ = [
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "InterpolationError",
+    "interpolate_models",
+    "interpolate_state_dicts",
     "FlexNet",
     "FlexNetArch",
     "MetaFlexNet",

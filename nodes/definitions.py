@@ -143,6 +143,38 @@ class FuseOmniShift:
         return {"ui": {"flexsr_info": [text]}, "result": (model, count)}
 
 
+class InterpolateUpscaleModels:
+    DESCRIPTION = (
+        "Blends the weights of two upscale models of one architecture and scale (network interpolation): "
+        "(1 - alpha) × A + alpha × B. With a fine-tune and the model it started from, alpha trades what "
+        "the fine-tune gained (e.g. on drawn art) against what the original did better (e.g. photos). "
+        "Returns a new model; the inputs are left as they are. Save it with Save Upscale Model."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("UPSCALE_MODEL",)
+    RETURN_NAMES = ("upscale_model",)
+    OUTPUT_TOOLTIPS = ("The blended model.",)
+    FUNCTION = "interpolate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_a": ("UPSCALE_MODEL", {"tooltip": "The model alpha = 0 gives."}),
+                "model_b": ("UPSCALE_MODEL", {"tooltip": "The model alpha = 1 gives (same architecture and scale)."}),
+                "alpha": ("FLOAT", {
+                    "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                    "tooltip": "Weight of model B: 0 = model A, 1 = model B.",
+                }),
+            }
+        }
+
+    def interpolate(self, model_a, model_b, alpha):
+        model = model_io.interpolated(model_a, model_b, alpha)
+        text = f"{1 - alpha:.2f} × A + {alpha:.2f} × B ({model_io.arch_label(model)})"
+        return {"ui": {"flexsr_info": [text]}, "result": (model,)}
+
+
 class SaveUpscaleModel:
     DESCRIPTION = (
         "Saves an upscale model as a .safetensors file in the upscale_models folder, written atomically "
@@ -180,6 +212,7 @@ NODE_CLASS_MAPPINGS = {
     "FlexSRLoadUpscaleModel": LoadUpscaleModel,
     "FlexSRUpscaleImage": UpscaleImage,
     "FlexSRFuseOmniShift": FuseOmniShift,
+    "FlexSRInterpolateUpscaleModels": InterpolateUpscaleModels,
     "FlexSRSaveUpscaleModel": SaveUpscaleModel,
 }
 
@@ -187,5 +220,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FlexSRLoadUpscaleModel": "Load Upscale Model (FlexSR)",
     "FlexSRUpscaleImage": "Upscale Image (FlexSR)",
     "FlexSRFuseOmniShift": "Fuse OmniShift (FlexSR)",
+    "FlexSRInterpolateUpscaleModels": "Interpolate Upscale Models (FlexSR)",
     "FlexSRSaveUpscaleModel": "Save Upscale Model (FlexSR)",
 }

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from spandrel import ImageModelDescriptor
 
-from ..archs import FlexSRError, fusable_modules, fuse, load_model
+from ..archs import FlexSRError, InterpolationError, fusable_modules, fuse, interpolate_models, load_model
 from . import host
 from .engine import alignment, parameter_count
 
@@ -123,9 +123,11 @@ def describe_file(path: str | os.PathLike) -> str:
     return text
 
 
-def copy_descriptor(model: ImageModelDescriptor, tags: Optional[list[str]] = None) -> ImageModelDescriptor:
-    """A new descriptor around a deep copy of ``model``'s module (same architecture and facts)."""
-    module = copy.deepcopy(model.model)
+def copy_descriptor(model: ImageModelDescriptor, tags: Optional[list[str]] = None,
+                    module: Optional[torch.nn.Module] = None) -> ImageModelDescriptor:
+    """A new descriptor around a deep copy of ``model``'s module (or around ``module``, a module of the same
+    architecture), with the same architecture and facts."""
+    module = copy.deepcopy(model.model) if module is None else module
     return ImageModelDescriptor(
         module,
         module.state_dict(),
@@ -152,6 +154,19 @@ def fused_copy(model: ImageModelDescriptor) -> tuple[ImageModelDescriptor, int]:
     result = copy_descriptor(model, tags).eval()
     fuse(result)
     return result, len(todo)
+
+
+def interpolated(a: ImageModelDescriptor, b: ImageModelDescriptor, alpha: float) -> ImageModelDescriptor:
+    """A new model whose weights are ``(1 - alpha) * a + alpha * b`` (same architecture, scale and channels;
+    :class:`archs.InterpolationError` otherwise). The inputs are left as they are."""
+    if a.scale != b.scale:
+        raise InterpolationError(f"model A upscales x{a.scale}, model B x{b.scale}: blend models of one scale")
+    if (a.input_channels, a.output_channels) != (b.input_channels, b.output_channels):
+        raise InterpolationError(f"model A maps {a.input_channels} to {a.output_channels} channels, model B "
+                                 f"{b.input_channels} to {b.output_channels}")
+    module = interpolate_models(a.model, b.model, alpha, ("model A", "model B")).eval()
+    tags = [t for t in a.tags if t != "interpolated"] + ["interpolated"]
+    return copy_descriptor(a, tags, module)
 
 
 def check_name(name: str) -> str:

@@ -22,7 +22,8 @@ from packutil import (  # noqa: F401  (pack: session fixture)
     spandrel_registry_restored,
 )
 
-NODE_IDS = ("FlexSRLoadUpscaleModel", "FlexSRUpscaleImage", "FlexSRFuseOmniShift", "FlexSRSaveUpscaleModel")
+NODE_IDS = ("FlexSRLoadUpscaleModel", "FlexSRUpscaleImage", "FlexSRFuseOmniShift", "FlexSRInterpolateUpscaleModels",
+            "FlexSRSaveUpscaleModel")
 
 
 @pytest.fixture
@@ -357,6 +358,48 @@ def test_every_flexsr_family_fuses(pack, nodes):
         assert count == expected
         image = torch.rand(1, 16, 16, model.input_channels)
         assert torch.allclose(run(fused, image), run(model, image), atol=1e-4), arch.id
+
+
+# --------------------------------------------------------------------------------------------------
+# Interpolate
+
+
+def test_interpolate_blends_weights_and_leaves_the_inputs_alone(pack, nodes):
+    torch.manual_seed(0)
+    a, b = compact(pack, 2), compact(pack, 2)
+    before_a = {k: v.clone() for k, v in a.model.state_dict().items()}
+    out = nodes.InterpolateUpscaleModels().interpolate(a, b, 0.25)
+    (mixed,) = out["result"]
+    assert "0.75 × A + 0.25 × B" in out["ui"]["flexsr_info"][0]
+    assert mixed.model is not a.model and "interpolated" in mixed.tags and mixed.scale == 2
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    for k, v in mixed.model.state_dict().items():
+        torch.testing.assert_close(v, 0.75 * sa[k] + 0.25 * sb[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(sa[k], before_a[k])
+    image = torch.rand(1, 12, 10, 3)
+    assert torch.allclose(run(nodes.InterpolateUpscaleModels().interpolate(a, b, 0.0)["result"][0], image), run(a, image))
+    assert torch.allclose(run(nodes.InterpolateUpscaleModels().interpolate(a, b, 1.0)["result"][0], image),
+                          run(b, image), atol=1e-6)
+
+
+def test_interpolate_blends_fused_flexnet_kernels_too(pack, nodes):
+    torch.manual_seed(1)
+    a, b = omni_model(pack), omni_model(pack)
+    fa, _ = nodes.FuseOmniShift().fuse(a)["result"]
+    fb, _ = nodes.FuseOmniShift().fuse(b)["result"]
+    mixed = nodes.InterpolateUpscaleModels().interpolate(fa, fb, 0.5)["result"][0]
+    unfused = nodes.InterpolateUpscaleModels().interpolate(a, b, 0.5)["result"][0]
+    image = torch.rand(1, 12, 10, 3)
+    assert torch.allclose(run(mixed, image), run(unfused, image), atol=1e-5)
+
+
+def test_interpolate_refuses_other_scales_and_architectures(pack, nodes):
+    with pytest.raises(pack.archs.InterpolationError, match="x2, model B x4"):
+        nodes.InterpolateUpscaleModels().interpolate(compact(pack, 2), compact(pack, 4), 0.5)
+    with pytest.raises(pack.archs.InterpolationError, match="one architecture"):
+        nodes.InterpolateUpscaleModels().interpolate(compact(pack, 2), omni_model(pack), 0.5)
+    with pytest.raises(pack.archs.InterpolationError, match="alpha"):
+        nodes.InterpolateUpscaleModels().interpolate(compact(pack, 2), compact(pack, 2), 1.5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,19 +21,15 @@ import hashlib
 import sys
 from pathlib import Path
 
-import torch
 
 if __package__ in (None, ""):  # run as a script: python training/interpolate.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "training"
 
 import archs  # noqa: E402
+from archs import InterpolationError, interpolate_state_dicts  # noqa: E402,F401 - re-exported for callers
 
 from .models import export_safetensors  # noqa: E402
-
-
-class InterpolationError(archs.FlexSRError, ValueError):
-    """The two models cannot be blended (other architecture, scale, tensors or shapes), or alpha is out of range."""
 
 
 def _sha256(path: Path) -> str:
@@ -42,30 +38,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def interpolate_state_dicts(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float,
-                            names: tuple[str, str] = ("A", "B")) -> dict[str, torch.Tensor]:
-    """``(1 - alpha) * a + alpha * b`` for floating-point tensors; other tensors from ``a`` (they must agree)."""
-    if not 0.0 <= alpha <= 1.0 or alpha != alpha:
-        raise InterpolationError(f"alpha must be in 0..1 (0 = {names[0]}, 1 = {names[1]}), got {alpha}")
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    if only_a or only_b:
-        raise InterpolationError(f"{names[0]} and {names[1]} hold other tensors: only in {names[0]}: "
-                                 f"{only_a[:5]}{' ...' if len(only_a) > 5 else ''}; only in {names[1]}: "
-                                 f"{only_b[:5]}{' ...' if len(only_b) > 5 else ''}")
-    out = {}
-    for key, ta in a.items():
-        tb = b[key]
-        if ta.shape != tb.shape:
-            raise InterpolationError(f"tensor {key!r} has shape {tuple(ta.shape)} in {names[0]} but "
-                                     f"{tuple(tb.shape)} in {names[1]}")
-        if ta.is_floating_point() and tb.is_floating_point():
-            mixed = torch.lerp(ta.detach().double(), tb.detach().double(), alpha)
-            out[key] = mixed.to(ta.dtype)
-        else:
-            out[key] = ta.detach().clone()
-    return out
 
 
 def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
@@ -85,10 +57,7 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
                                  "only models of one architecture can be blended")
     if da.scale != db.scale:
         raise InterpolationError(f"{path_a.name} upscales x{da.scale}, {path_b.name} x{db.scale}")
-    blended = interpolate_state_dicts(ma.state_dict(), mb.state_dict(), alpha, (path_a.name, path_b.name))
-    ma.load_state_dict(blended, strict=True)
-    for m in archs.fusable_modules(ma):
-        m.refresh_fused()  # stored fused kernels follow the blended branches
+    mixed = archs.interpolate_models(ma, mb, alpha, (path_a.name, path_b.name))
     meta_b = {}
     try:
         from safetensors import safe_open
@@ -107,7 +76,7 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
         "b": f"{path_b.name} sha256={_sha256(path_b)}",
         "command": command or f"python -m training.interpolate {path_a} {path_b} --alpha {alpha:g} --out {out}",
     })
-    return export_safetensors(ma.cpu().eval(), out, meta)
+    return export_safetensors(mixed.cpu().eval(), out, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,66 @@
+"""Network interpolation: the weights of two models of one architecture, blended.
+
+``(1 - alpha) * A + alpha * B`` for every floating-point tensor (ESRGAN's "network interpolation",
+chaiNNer's "Interpolate Models"); integer buffers (batch norm's ``num_batches_tracked``) come from ``A``.
+A fine-tune and the checkpoint it started from blend well: ``alpha`` trades what the fine-tune gained
+on its own material against what the original was better at.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .errors import FlexSRError
+from .reparam import fusable_modules
+
+
+class InterpolationError(FlexSRError, ValueError):
+    """The two models cannot be blended (other architecture, scale, tensors or shapes), or alpha is out of range."""
+
+
+def check_alpha(alpha: float, names: tuple[str, str] = ("A", "B")) -> float:
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
+        raise InterpolationError(f"alpha must be in 0..1 (0 = {names[0]}, 1 = {names[1]}), got {alpha}")
+    return float(alpha)
+
+
+def interpolate_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float,
+                            names: tuple[str, str] = ("A", "B")) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * a + alpha * b`` for floating-point tensors (computed in float64, stored in ``a``'s
+    dtype); other tensors are copied from ``a``."""
+    alpha = check_alpha(alpha, names)
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise InterpolationError(f"{names[0]} and {names[1]} hold other tensors: only in {names[0]}: "
+                                 f"{only_a[:5]}{' ...' if len(only_a) > 5 else ''}; only in {names[1]}: "
+                                 f"{only_b[:5]}{' ...' if len(only_b) > 5 else ''}")
+    out = {}
+    for key, ta in a.items():
+        tb = b[key]
+        if ta.shape != tb.shape:
+            raise InterpolationError(f"tensor {key!r} has shape {tuple(ta.shape)} in {names[0]} but "
+                                     f"{tuple(tb.shape)} in {names[1]}")
+        if ta.is_floating_point() and tb.is_floating_point():
+            out[key] = torch.lerp(ta.detach().double(), tb.detach().to(ta.device).double(), alpha).to(ta.dtype)
+        else:
+            out[key] = ta.detach().clone()
+    return out
+
+
+def interpolate_models(a: nn.Module, b: nn.Module, alpha: float, names: tuple[str, str] = ("A", "B")) -> nn.Module:
+    """A new module: a deep copy of ``a`` holding the blend of ``a``'s and ``b``'s weights (the inputs are left
+    as they are; stored fused kernels follow the blended branches)."""
+    if type(a) is not type(b):
+        raise InterpolationError(f"{names[0]} is a {type(a).__name__}, {names[1]} a {type(b).__name__}: "
+                                 "only models of one architecture can be blended")
+    blended = interpolate_state_dicts(a.state_dict(), b.state_dict(), alpha, names)
+    result = copy.deepcopy(a)
+    result.load_state_dict(blended, strict=True)
+    for m in fusable_modules(result):
+        m.refresh_fused()
+    return result
