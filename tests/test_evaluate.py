@@ -205,3 +205,45 @@ def test_art_lr_uses_the_training_pipelines_downscale_and_matlab_bicubic():
         assert torch.equal(evaluate.make_lr(hr, 4, mode), want)
     want = (imresize(hr.double() * 255, 0.25).round().clamp(0, 255) / 255).float()
     assert torch.equal(evaluate.make_lr(hr, 4, "bicubic"), want)
+
+
+def load_sweep():
+    load_evaluate()
+    name = "flexsr_bench_interpolation_sweep"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "interpolation_sweep.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_sweep_picks_the_alpha_whose_smallest_gain_is_largest():
+    pick = load_sweep().pick
+    gains = {0.3: {"a": 0.4, "b": 0.1}, 0.5: {"a": 0.6, "b": 0.3}, 1.0: {"a": 2.0, "b": -0.2}}
+    assert pick(gains) == 0.5
+    assert pick({0.4: {"a": 0.2}, 0.6: {"a": 0.2}}) == 0.4  # a tie keeps more of the base
+
+
+def test_sweep_end_to_end_scores_blends_and_writes_the_chosen_one(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = save_model(FlexNet(dim=8, num_blocks=(1, 1), scale=2), tmp_path / "base_x2.safetensors")
+    torch.manual_seed(1)
+    tuned = save_model(FlexNet(dim=8, num_blocks=(1, 1), scale=2), tmp_path / "tuned_x2.safetensors")
+    art = _art_folder(tmp_path / "art")
+    out = tmp_path / "chosen.safetensors"
+    sweep = load_sweep()
+    assert sweep.main(["--base", str(base), "--tuned", str(tuned), "--art", str(art), "--alphas", "0.5", "1",
+                       "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = [ln for ln in text.splitlines() if ln.split(" ")[0] in ("0.5", "1")]
+    assert len(lines) == 2 and sum("<- chosen" in ln for ln in lines) == 1
+    chosen = 0.5 if "<- chosen" in lines[0] else 1.0
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert f"alpha = {chosen:g}" in meta["interpolation"] and "interpolation_sweep.py" in meta["command"]
+    # an existing --out is refused before any work
+    with pytest.raises(SystemExit):
+        sweep.main(["--base", str(base), "--tuned", str(tuned), "--art", str(art), "--out", str(out)])
