@@ -34,13 +34,13 @@ from .losses import PixelLoss, discriminator_loss, generator_adversarial_loss
 from .metrics import bicubic_upscale, evaluate_pairs
 from .models import (LoadedModel, build_preset, export_name, export_safetensors, freeze_norm_statistics, init_as_bilinear,
                      load_pretrained, parameter_count)
+from .runlog import METRICS_NAME, MetricsLog, setup_file_logging
 from .schedule import Schedule
 from .synthetic import make_images
 
 log = logging.getLogger("flexsr")
 
 CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,37 +188,6 @@ def side_by_side(model: nn.Module, pairs: list, scale: int, device, path: Path, 
     return path
 
 
-class MetricsLog:
-    """Rank 0's JSONL metrics file (and TensorBoard when it is installed and wanted)."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.path = out / METRICS_NAME
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard is optional
-                log.debug("TensorBoard is not installed; metrics go to %s only.", self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -294,13 +263,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _setup_file_logging(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return handler
-
-
 def train(args) -> dict:
     """Run (or resume) a fine-tune described by ``args``; returns a summary dict (rank 0)."""
     if args.threads:
@@ -310,7 +272,7 @@ def train(args) -> dict:
     handler = None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        handler = _setup_file_logging(out)
+        handler = setup_file_logging(out)
         remove_stale_temporaries(out)  # full-size leftovers of a run killed mid-write
     else:
         log.setLevel(logging.WARNING)
