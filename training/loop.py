@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import (remove_stale_temporaries, resumable_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                         truncate_jsonl)
+from .checkpoint import remove_stale_temporaries, resumable_checkpoint, rng_state, save_checkpoint, truncate_jsonl
 from .data import PatchSampler, StepBatches, scan_folders, val_pairs_from_arrays, val_pairs_from_folder, ImageSet
 from .degradations import Degradation
 from .discriminators import make_discriminator
@@ -29,13 +28,12 @@ from .export import finish
 from .losses import PixelLoss, discriminator_loss, generator_adversarial_loss
 from .metrics import evaluate_pairs
 from .models import LoadedModel, build_preset, freeze_norm_statistics, init_as_bilinear, load_pretrained, parameter_count
+from .resume import CHECKPOINT_NAME, checkpoint_state, restore
 from .runlog import MetricsLog, setup_file_logging
 from .schedule import Schedule
 from .synthetic import make_images
 
 log = logging.getLogger("flexsr")
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,71 +147,6 @@ def validate(run: Run) -> dict:
     res = evaluate_pairs(upscale, run.val_pairs, run.loaded.scale)
     model.train(was_training)
     return {k: v for k, v in res.items() if not k.startswith("psnr/")}
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_state(run: Run, step: int, rng_states: list) -> dict:
-    state = {
-        "step": step,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": rng_states,
-        "data": {"seed": run.args.seed, "next_step": step, "world_size": run.dist.world_size},
-        "args": _plain_args(run.args),
-        "arch": {"name": run.loaded.architecture, "scale": run.loaded.scale},
-        "wall_s": run.wall_seconds(),
-    }
-    if run.ema is not None:
-        state["ema"] = run.ema.model.state_dict()
-    if run.disc is not None:
-        state["disc"] = run.disc.state_dict()
-        state["d_optimizer"] = run.d_optimizer.state_dict()
-    return state
-
-
-def _plain_args(args) -> dict:
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, Path):
-            v = str(v)
-        elif isinstance(v, (list, tuple)):
-            v = [str(x) if isinstance(x, Path) else x for x in v]
-        out[k] = v
-    return out
-
-
-_SAMPLING_ARGS = ("seed", "batch_size", "patch_size", "scale", "arch", "pretrained", "steps", "edge_weight", "l1_warmup", "gan")
-
-
-def restore(run: Run, state: dict) -> int:
-    saved = state.get("args", {})
-    for k in _SAMPLING_ARGS:
-        if k in saved and saved[k] != getattr(run.args, k, None):
-            log.warning("Resuming with --%s %s, but the checkpoint was made with %s: the run will not match an "
-                        "uninterrupted one.", k.replace("_", "-"), getattr(run.args, k, None), saved[k])
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None and "ema" in state:
-        run.ema.model.load_state_dict(state["ema"])
-    if run.disc is not None and "disc" in state:
-        run.disc.load_state_dict(state["disc"])
-        run.d_optimizer.load_state_dict(state["d_optimizer"])
-    run.wall_before = float(state.get("wall_s", 0.0))
-    rngs = state["rng"]
-    if len(rngs) == run.dist.world_size:
-        set_rng_state(rngs[run.dist.rank])
-    else:
-        log.warning("Checkpoint was written by %d processes, this run has %d: RNG states not restored.", len(rngs), run.dist.world_size)
-        if rngs:
-            set_rng_state(rngs[0])
-    return int(state["step"])
 
 
 # --------------------------------------------------------------------------------------------------
