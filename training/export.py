@@ -22,7 +22,7 @@ from .models import export_name, export_safetensors, parameter_count
 from .runlog import METRICS_NAME
 
 if TYPE_CHECKING:
-    from .loop import Run
+    from .run import Run
 
 log = logging.getLogger("flexsr")
 

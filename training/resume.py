@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import set_rng_state
+from . import distributed as D
+from .checkpoint import resumable_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_jsonl
 
 if TYPE_CHECKING:
-    from .loop import Run
+    from .run import Run
+    from .runlog import MetricsLog
 
 log = logging.getLogger("flexsr")
 
@@ -76,3 +78,34 @@ def restore(run: Run, state: dict) -> int:
         if rngs:
             set_rng_state(rngs[0])
     return int(state["step"])
+
+
+def resume_or_start(run: Run, metrics: MetricsLog, out: Path) -> int:
+    """The step the run starts at: with --resume, that of the checkpoint (its state put back into ``run``, the
+    metrics file cut back to it); otherwise 0, with a fresh metrics file."""
+    args, dist = run.args, run.dist
+    start = 0
+    ckpt_path = out / CHECKPOINT_NAME
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        found = resumable_checkpoint(path, map_location=dist.device)  # falls back to checkpoint.prev.pt
+        if found is not None:
+            state, path = found
+            start = restore(run, state)
+            if dist.is_main:
+                kept = truncate_jsonl(metrics.path, start)
+                log.info("Resumed from %s at step %d (%d metric records kept).", path, start, kept)
+        elif args.resume != "auto":
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint.")
+        else:
+            log.info("--resume: no checkpoint in %s yet; starting from step 0.", out)
+    elif dist.is_main and metrics.path.exists():
+        metrics.path.unlink()  # a fresh run starts a fresh log
+    return start
+
+
+def save_run(run: Run, out: Path, step: int) -> None:
+    """Write ``out/checkpoint.pt`` after ``step`` steps (rank 0), with every rank's RNG state."""
+    rngs = D.gather_objects(rng_state(), run.dist)
+    if run.dist.is_main:
+        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run, step, rngs))
