@@ -252,7 +252,7 @@ def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     from training.data import PatchSampler
     from training.degradations import Degradation
     from training.losses import PixelLoss
-    from training.loop import _seed_all, make_data, make_model
+    from training.run import _seed_all, make_data, make_model
 
     args = finetune.parse_args(argv)
     _seed_all(args.seed)

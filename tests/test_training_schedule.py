@@ -7,7 +7,8 @@ import math
 import pytest
 
 from training import finetune
-from training.loop import EMA, Schedule
+from training.ema import EMA
+from training.schedule import Schedule
 
 
 def make(*extra: str, l1_warmup: int = 50, gan_start: int = 50) -> Schedule:

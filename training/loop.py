@@ -1,4 +1,6 @@
-"""The training loop: model, data, losses, AdamW + schedule, EMA, AMP, validation, checkpoints, DDP.
+"""The training loop: ``train(args)`` builds the run (``training.run``), resumes it (``training.resume``), takes
+optimisation steps (``training.step``) with the bookkeeping after each (one all-reduce, metrics and log lines,
+validation, checkpoints, when to stop) and exports the result (``training.export``).
 
 ``train(args)`` takes the namespace ``training.finetune`` parses and returns a summary dict. Every
 file of a run goes under ``args.out``; in a DDP run only rank 0 writes.
@@ -6,258 +8,71 @@ file of a run goes under ``args.out``; in a DDP run only rank 0 writes.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import math
 import os
-import random
-import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-import archs
 
 from . import distributed as D
-from .checkpoint import (read_jsonl, remove_stale_temporaries, resumable_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, truncate_jsonl)
-from .data import PatchSampler, StepBatches, scan_folders, val_pairs_from_arrays, val_pairs_from_folder, ImageSet
-from .degradations import Degradation
-from .discriminators import make_discriminator
-from .losses import PixelLoss, discriminator_loss, generator_adversarial_loss
-from .metrics import bicubic_upscale, evaluate_pairs
-from .models import (LoadedModel, build_preset, export_name, export_safetensors, freeze_norm_statistics, init_as_bilinear,
-                     load_pretrained, parameter_count)
-from .synthetic import make_images
+from .checkpoint import remove_stale_temporaries
+from .export import finish
+from .metrics import evaluate_pairs
+from .resume import resume_or_start, save_run
+from .run import Run, build_run, freeze_body, make_loader, wrap_ddp
+from .runlog import MetricsLog, setup_file_logging
+from .schedule import Schedule
+from .step import optimisation_step
 
 log = logging.getLogger("flexsr")
 
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
-
-# --------------------------------------------------------------------------------------------------
-# Pieces
-
-
-class Schedule:
-    """Where a run is, and what follows from it: the LR, when the edge-weighted loss and the GAN
-    start, and when the run ends.
-
-    Progress after ``k`` steps is ``k / steps`` plus ``extra``. Without ``--time-budget``, ``extra``
-    stays 0. With one, each step advances progress by at least its smoothed duration / budget: a
-    machine too slow for ``--steps`` in the budget moves through the whole schedule (L1 warm-up,
-    GAN start, LR decay) in fewer steps, and the run ends when progress reaches 1. A machine fast
-    enough never accumulates ``extra``, so its run is exactly the step-based one. Only the
-    training steps count against the budget (validation and checkpoints come on top); the clock
-    starts to count once the smoothed step time exceeds the budget's share by ``MARGIN``, so a
-    budgeted run may take up to that much longer than its budget.
-    """
-
-    #: First steps of each (resumed) segment that are not measured: they carry start-up costs.
-    UNTIMED_STEPS = 5
-    #: Timed steps averaged before the clock may move the schedule.
-    CALIBRATION_STEPS = 20
-    #: Weight of the newest step in the smoothed step time.
-    SMOOTHING = 0.05
-    #: The smoothed step time must exceed budget / steps by this factor before the clock counts, so
-    #: that noise on a machine that is fast enough cannot make its run differ from the step-based one.
-    MARGIN = 1.1
-
-    def __init__(self, args, l1_warmup: int, gan_start: int):
-        self.args = args
-        self.steps = args.steps
-        self.budget = args.time_budget * 60.0
-        self.l1_warmup, self.gan_start = l1_warmup, gan_start
-        self.extra = 0.0
-        self.step_seconds: float | None = None  # smoothed duration of a training step
-        self.timed = 0
-        self._samples: list[float] = []
-
-    def observe(self, seconds: float | None) -> None:
-        """Account for a step that took ``seconds`` (None: a start-up step, not counted)."""
-        if self.budget <= 0 or seconds is None:
-            return
-        self.timed += 1
-        allowed = self.budget / self.steps
-        if self.timed <= self.CALIBRATION_STEPS:  # the median of the first timed steps ...
-            self._samples.append(seconds)
-            self.step_seconds = float(statistics.median(self._samples))
-            if self.timed == self.CALIBRATION_STEPS and self.step_seconds > self.MARGIN * allowed:
-                self.extra += self.timed * (self.step_seconds - allowed) / self.budget  # catch up
-            return
-        # ... then a moving average, each step clipped at twice the estimate (one hiccup is not a trend)
-        a = self.SMOOTHING
-        self.step_seconds = (1 - a) * self.step_seconds + a * min(seconds, 2 * self.step_seconds)
-        if self.step_seconds > self.MARGIN * allowed or self.extra > 0:
-            self.extra += max(0.0, (self.step_seconds - allowed) / self.budget)
-
-    def progress(self, step: int) -> float:
-        """Fraction of the schedule done after ``step`` steps (0..1)."""
-        return min(1.0, step / self.steps + self.extra)
-
-    def reached(self, step: int, mark: int) -> bool:
-        """Whether the schedule is at or past step ``mark`` of ``--steps`` (exact integers when step-based)."""
-        return step >= mark if self.extra == 0.0 else self.progress(step) * self.steps >= mark
-
-    def finished(self, done: int) -> bool:
-        return self.reached(done, self.steps)
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the base LR for step ``step``: linear warm-up over ``--lr-warmup`` steps, then
-        cosine / multistep / constant over the progress."""
-        a = self.args
-        warm = a.lr_warmup
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        p = self.progress(step)
-        if a.schedule == "cosine":
-            if self.extra == 0.0:  # the step-based schedule, exactly
-                t = (step - warm) / max(1, self.steps - warm)
-            else:
-                pw = min(warm / self.steps, 0.99)
-                t = (p - pw) / (1 - pw)
-            t = min(1.0, max(0.0, t))
-            floor = a.min_lr / a.lr if a.lr > 0 else 0.0
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-        if a.schedule == "multistep":
-            return a.gamma ** sum(self.reached(step, m) for m in (a.milestones or []))
-        return 1.0
-
-    def edge_on(self, step: int) -> bool:
-        return self.reached(step, self.l1_warmup)
-
-    def gan_on(self, step: int) -> bool:
-        return self.reached(step, self.gan_start)
-
-    def state_dict(self) -> dict:
-        return {"extra": self.extra, "step_seconds": self.step_seconds, "timed": self.timed, "steps": self.steps,
-                "budget": self.budget}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.extra = float(state["extra"])
-        self.step_seconds = state.get("step_seconds")
-        self.timed = int(state.get("timed", 0))
-
-
-class EMA:
-    """Exponential moving average of a model's weights (``decay`` ramps up as (1+n)/(10+n))."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(p.detach(), 1 - d)
-            else:
-                e.copy_(p)
-
-
-@dataclass
-class Run:
-    """Everything a step touches."""
-
-    args: object
-    dist: D.DistInfo
-    loaded: LoadedModel
-    model: nn.Module
-    ema: EMA | None
-    optimizer: torch.optim.Optimizer
-    scheduler: Schedule
-    scaler: torch.amp.GradScaler
-    sampler: PatchSampler
-    pixel_loss: PixelLoss
-    val_pairs: list
-    disc: nn.Module | None = None
-    d_optimizer: torch.optim.Optimizer | None = None
-    wrapped: nn.Module | None = None
-    d_wrapped: nn.Module | None = None
-    t_start: float = 0.0  # when this process started the run
-    wall_before: float = 0.0  # wall seconds of earlier sessions of the same run (from the checkpoint)
-
-    def wall_seconds(self) -> float:
-        """Wall time of the whole run, over every --resume."""
-        return self.wall_before + time.time() - self.t_start
-
-
-def amp_dtype(args, device: torch.device) -> torch.dtype | None:
-    mode = args.amp
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if mode == "none":
-        return None
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU.")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def make_model(args) -> LoadedModel:
-    if args.pretrained:
-        return load_pretrained(args.pretrained, args.scale)
-    scale = args.scale or 2
-    model = build_preset(args.arch, scale, args.arch_args)
-    if args.init != "random":
-        done = init_as_bilinear(model)
-        if done:
-            log.info("Init: the tail starts as bilinear upsampling (--init %s).", args.init)
-        elif args.init == "bilinear":
-            raise ValueError(f"--init bilinear: {args.arch} has no pixel-shuffle tail fed by a short cut; use --init random.")
-    keys = list(model.state_dict())
-    return LoadedModel(model.train(), scale, args.arch, keys, [])
-
-
-def make_data(args, scale: int, is_main: bool) -> tuple[ImageSet, list]:
-    """Training images (folders or synthetic) and validation pairs."""
-    if args.data:
-        images = scan_folders(args.data, args.patch_size, args.small_images, args.cache_mb)
+def train(args) -> dict:
+    """Run (or resume) a fine-tune described by ``args``; returns a summary dict (rank 0)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = D.setup(args.device)
+    out = Path(args.out)
+    handler = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = setup_file_logging(out)
+        remove_stale_temporaries(out)  # full-size leftovers of a run killed mid-write
     else:
-        size = max(args.synthetic_size, args.patch_size)
-        t = time.time()
-        arrays = make_images(args.synthetic_count, (size, size), args.seed, "train")
-        images = ImageSet(arrays=arrays, min_size=args.patch_size)
-        log.info("Generated %d synthetic anime-style images of %d px (seed %d) in %.1f s.", len(arrays), size, args.seed, time.time() - t)
-    val_pairs: list = []
-    if is_main:
-        if args.val:
-            val_pairs = val_pairs_from_folder(args.val, scale, args.val_crop, args.val_max_images)
-        elif not args.data and args.synthetic_val_count > 0:
-            size = args.synthetic_val_size
-            held = make_images(args.synthetic_val_count, (size, size), args.seed, "val")
-            val_pairs = val_pairs_from_arrays([(f"heldout_{i:02d}", a) for i, a in enumerate(held)], scale, args.val_crop)
-        if val_pairs:
-            log.info("Validation: %d images (LR by antialiased bicubic).", len(val_pairs))
-    return images, val_pairs
+        log.setLevel(logging.WARNING)
+    try:
+        return _train(args, dist, out)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        D.cleanup()
 
 
-def wrap_ddp(run: Run) -> None:
-    if not run.dist.enabled:
-        run.wrapped, run.d_wrapped = run.model, run.disc
-        return
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    ids = [run.dist.device.index] if run.dist.device.type == "cuda" else None
-    run.wrapped = DDP(run.model, device_ids=ids)
-    if run.disc is not None:
-        run.d_wrapped = DDP(run.disc, device_ids=ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation and outputs
+def _train(args, dist: D.DistInfo, out: Path) -> dict:
+    run = build_run(args, dist)
+    metrics = MetricsLog(out, dist.is_main, args.tensorboard)
+    start = resume_or_start(run, metrics, out)
+    freeze_body(run, start)
+    wrap_ddp(run)
+    loader = make_loader(run, start)
+    book = Bookkeeping(run, metrics, out, start)
+    for step, (lr_img, hr_img) in enumerate(loader, start=start):
+        book.batch_arrived()
+        loss, parts, lr_now = optimisation_step(run, step, lr_img, hr_img)
+        if book.after_step(step, loss, parts, lr_now, lr_img.shape[0]):
+            break
+    book.close()
+    metrics.close()
+    D.barrier(dist)
+    if not dist.is_main:
+        return {}
+    last_val = book.last_val
+    if run.val_pairs and not last_val:  # e.g. --resume of a finished run
+        last_val = validate(run)
+    return finish(run, out, start, book.stopped_early, last_val, time.time() - run.t_start)
 
 
 @torch.no_grad()
@@ -275,478 +90,116 @@ def validate(run: Run) -> dict:
     return {k: v for k, v in res.items() if not k.startswith("psnr/")}
 
 
-@torch.no_grad()
-def side_by_side(model: nn.Module, pairs: list, scale: int, device, path: Path, count: int = 3) -> Path | None:
-    """PNG rows of LR (nearest) | bicubic | model | HR for the first ``count`` validation images."""
-    from PIL import Image, ImageDraw
+class Bookkeeping:
+    """What follows each step: one all-reduce (the loss parts, rank 0's step time and stop flag), the schedule's
+    clock, the metrics record, the progress bar and log line (the loader's img/s against the model's), validation,
+    the checkpoint, and whether the run stops."""
 
-    rows = []
-    model.eval()
-    for name, lr, hr in pairs[:count]:
-        lr1 = lr.unsqueeze(0)
-        sr = model(lr1.to(device)).float().clamp(0, 1).cpu()[..., : hr.shape[-2], : hr.shape[-1]]
-        near = F.interpolate(lr1, scale_factor=scale, mode="nearest")
-        bic = bicubic_upscale(lr1, scale)
-        tiles = [near[0], bic[0], sr[0], hr]
-        rows.append(torch.cat([torch.cat([t, torch.ones(3, t.shape[1], 4)], 2) for t in tiles], 2))
-    if not rows:
-        return None
-    w = max(r.shape[2] for r in rows)
-    rows = [F.pad(r, (0, w - r.shape[2], 0, 4), value=1.0) for r in rows]
-    grid = torch.cat(rows, 1)
-    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    header = Image.new("RGB", (arr.shape[1], 14), (255, 255, 255))
-    tile_w = pairs[0][2].shape[-1] + 4
-    for i, label in enumerate(("LR (nearest)", "bicubic", "model", "HR")):
-        ImageDraw.Draw(header).text((i * tile_w + 2, 1), label, fill=(0, 0, 0))
-    img = Image.new("RGB", (arr.shape[1], arr.shape[0] + 14), (255, 255, 255))
-    img.paste(header, (0, 0))
-    img.paste(Image.fromarray(arr), (0, 14))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    def __init__(self, run: Run, metrics: MetricsLog, out: Path, start: int):
+        args, dist = run.args, run.dist
+        self.run, self.metrics, self.out, self.start = run, metrics, out, start
+        self.step_sleep = float(os.environ.get("FLEXSR_DEBUG_STEP_SLEEP", "0") or 0)  # tests: widen the kill window
+        self.progress = None
+        if dist.is_main and not args.no_progress:
+            from tqdm import tqdm
 
+            self.progress = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                                 mininterval=1.0)
+        self.last_val: dict = {}  # the latest validation (rank 0)
+        self.stopped_early = False  # by --time-limit
+        self.t_loop, self.seen = time.time(), 0  # images trained on since t_loop, over all ranks
+        self.t_step = time.time()  # when the latest step ended (its batch was asked for)
+        self.t_got = self.t_step  # when the current step's batch arrived
+        self.data_s = self.compute_s = 0.0  # time waiting for batches vs. time in the step, since the last log line
 
-class MetricsLog:
-    """Rank 0's JSONL metrics file (and TensorBoard when it is installed and wanted)."""
+    def batch_arrived(self) -> None:
+        self.t_got = time.time()
+        self.data_s += self.t_got - self.t_step
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.path = out / METRICS_NAME
-        self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard is optional
-                log.debug("TensorBoard is not installed; metrics go to %s only.", self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
+    def after_step(self, step: int, loss: torch.Tensor, parts: dict, lr_now: float, batch_size: int) -> bool:
+        """Book step ``step`` (0-based) of ``batch_size`` patches per rank; True when the run ends with it."""
+        names, vec = self._all_reduce(loss, parts)
+        done = step + 1
+        self._advance_schedule(done, float(vec[-1]))
+        self._record(done, names, vec, lr_now, batch_size)
+        stop_now = vec[-2].item() >= 1.0
+        last = self.run.scheduler.finished(done) or stop_now
+        self._validate_and_save(done, last)
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
+        self.t_step = time.time()
+        return self._stops(done, stop_now, last)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.progress is not None:
+            self.progress.close()
 
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_state(run: Run, step: int, rng_states: list) -> dict:
-    state = {
-        "step": step,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "rng": rng_states,
-        "data": {"seed": run.args.seed, "next_step": step, "world_size": run.dist.world_size},
-        "args": _plain_args(run.args),
-        "arch": {"name": run.loaded.architecture, "scale": run.loaded.scale},
-        "wall_s": run.wall_seconds(),
-    }
-    if run.ema is not None:
-        state["ema"] = run.ema.model.state_dict()
-    if run.disc is not None:
-        state["disc"] = run.disc.state_dict()
-        state["d_optimizer"] = run.d_optimizer.state_dict()
-    return state
-
-
-def _plain_args(args) -> dict:
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, Path):
-            v = str(v)
-        elif isinstance(v, (list, tuple)):
-            v = [str(x) if isinstance(x, Path) else x for x in v]
-        out[k] = v
-    return out
-
-
-_SAMPLING_ARGS = ("seed", "batch_size", "patch_size", "scale", "arch", "pretrained", "steps", "edge_weight", "l1_warmup", "gan")
-
-
-def restore(run: Run, state: dict) -> int:
-    saved = state.get("args", {})
-    for k in _SAMPLING_ARGS:
-        if k in saved and saved[k] != getattr(run.args, k, None):
-            log.warning("Resuming with --%s %s, but the checkpoint was made with %s: the run will not match an "
-                        "uninterrupted one.", k.replace("_", "-"), getattr(run.args, k, None), saved[k])
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None and "ema" in state:
-        run.ema.model.load_state_dict(state["ema"])
-    if run.disc is not None and "disc" in state:
-        run.disc.load_state_dict(state["disc"])
-        run.d_optimizer.load_state_dict(state["d_optimizer"])
-    run.wall_before = float(state.get("wall_s", 0.0))
-    rngs = state["rng"]
-    if len(rngs) == run.dist.world_size:
-        set_rng_state(rngs[run.dist.rank])
-    else:
-        log.warning("Checkpoint was written by %d processes, this run has %d: RNG states not restored.", len(rngs), run.dist.world_size)
-        if rngs:
-            set_rng_state(rngs[0])
-    return int(state["step"])
-
-
-# --------------------------------------------------------------------------------------------------
-# The loop
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def _setup_file_logging(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    return handler
-
-
-def train(args) -> dict:
-    """Run (or resume) a fine-tune described by ``args``; returns a summary dict (rank 0)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = D.setup(args.device)
-    out = Path(args.out)
-    handler = None
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        handler = _setup_file_logging(out)
-        remove_stale_temporaries(out)  # full-size leftovers of a run killed mid-write
-    else:
-        log.setLevel(logging.WARNING)
-    try:
-        return _train(args, dist, out)
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-        D.cleanup()
-
-
-def _train(args, dist: D.DistInfo, out: Path) -> dict:
-    t_start = time.time()
-    _seed_all(args.seed)
-    loaded = make_model(args)
-    scale = loaded.scale
-    model = loaded.model.to(dist.device)
-    log.info("Model: %s x%d, %s parameters%s.", loaded.architecture, scale, f"{parameter_count(model):,}",
-             f", {len(loaded.reinitialized)} tensors re-initialized" if args.pretrained and loaded.reinitialized else "")
-    if args.patch_size % scale:
-        raise ValueError(f"--patch-size {args.patch_size} must be a multiple of the scale {scale}.")
-    norm_mode = getattr(args, "norm_stats", "auto")
-    if norm_mode == "frozen" or (norm_mode == "auto" and args.pretrained):
-        frozen_norms = freeze_norm_statistics(model)
-        if frozen_norms:
-            log.info("Norm statistics: %d batch-norm layers keep their running statistics (--norm-stats %s).",
-                     frozen_norms, norm_mode)
-    images, val_pairs = make_data(args, scale, dist.is_main)
-    degradation = Degradation(
-        scale=scale, modes=tuple(args.downscale), blur=args.blur, blur_prob=args.blur_prob,
-        noise=args.noise, noise_prob=args.noise_prob, jpeg=args.jpeg, jpeg_prob=args.jpeg_prob,
-    )
-    sampler = PatchSampler(images, args.patch_size, args.batch_size, degradation, args.seed, not args.no_augment)
-    l1_warmup = args.steps // 2 if args.l1_warmup is None or args.l1_warmup < 0 else args.l1_warmup
-    gan_start = l1_warmup if args.gan_start is None or args.gan_start < 0 else args.gan_start
-    pixel_loss = PixelLoss(args.edge_weight)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    for g in optimizer.param_groups:
-        g["initial_lr"] = args.lr
-    scheduler = Schedule(args, l1_warmup, gan_start)
-    dtype = amp_dtype(args, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=dtype == torch.float16)
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    run = Run(args, dist, loaded, model, ema, optimizer, scheduler, scaler, sampler, pixel_loss, val_pairs, t_start=t_start)
-    if args.gan:
-        run.disc = make_discriminator(args.gan, args.patch_size, spectral_norm=args.gan_spectral_norm,
-                                      **(args.gan_args or {})).to(dist.device)
-        run.d_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), weight_decay=0.0)
-        log.info("GAN: %s discriminator (%s parameters), %s loss, weight %g, from step %d.",
-                 args.gan, f"{parameter_count(run.disc):,}", args.gan_loss, args.gan_weight, gan_start)
-
-    start = 0
-    metrics = MetricsLog(out, dist.is_main, args.tensorboard)
-    ckpt_path = out / CHECKPOINT_NAME
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        found = resumable_checkpoint(path, map_location=dist.device)  # falls back to checkpoint.prev.pt
-        if found is not None:
-            state, path = found
-            start = restore(run, state)
-            if dist.is_main:
-                kept = truncate_jsonl(metrics.path, start)
-                log.info("Resumed from %s at step %d (%d metric records kept).", path, start, kept)
-        elif args.resume != "auto":
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint.")
-        else:
-            log.info("--resume: no checkpoint in %s yet; starting from step 0.", out)
-    elif dist.is_main and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run starts a fresh log
-
-    # Freezing the body: its gradients are dropped before the optimizer step, so AdamW leaves those weights
-    # (and their moments) untouched; the same under DDP, whose wrapper needs no rebuilding when they thaw.
-    body_names = set(loaded.kept)
-    frozen_params = [p for n, p in model.named_parameters() if n in body_names] if loaded.reinitialized else []
-    freeze_until = args.freeze_body_steps if frozen_params else 0
-    if start < freeze_until:
-        log.info("Body (%d tensors from %s) frozen for the first %d steps.", len(frozen_params), args.pretrained, freeze_until)
-    wrap_ddp(run)
-
-    loader = torch.utils.data.DataLoader(
-        StepBatches(sampler, start, args.steps, dist.rank), batch_size=None, shuffle=False,
-        num_workers=args.workers, pin_memory=dist.device.type == "cuda",
-        persistent_workers=False, prefetch_factor=4 if args.workers > 0 else None,
-    )
-    step_sleep = float(os.environ.get("FLEXSR_DEBUG_STEP_SLEEP", "0") or 0)  # tests: widen the kill window
-    progress = None
-    if dist.is_main and not args.no_progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=1.0)
-    last_val: dict = {}
-    stopped_early = False
-    step = start
-    t_loop, seen = time.time(), 0
-    dev = dist.device
-    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype is not None else None
-
-    t_step = time.time()
-    data_s = compute_s = 0.0  # time waiting for batches vs. time in the step, since the last log line
-    for step, (lr_img, hr_img) in enumerate(loader, start=start):
-        t_got = time.time()
-        data_s += t_got - t_step
-        if freeze_until and step == freeze_until:
-            log.info("Step %d: body unfrozen.", step)
-        lr_img = lr_img.to(dev, non_blocking=True)
-        hr_img = hr_img.to(dev, non_blocking=True)
-        gan_on = run.disc is not None and scheduler.gan_on(step)
-        lr_now = args.lr * scheduler.lr_factor(step)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * lr_now / args.lr if args.lr > 0 else 0.0
-
-        optimizer.zero_grad(set_to_none=True)
-        with autocast() if autocast else _null():
-            sr = run.wrapped(lr_img)
-        loss, parts = pixel_loss(sr.float(), hr_img, scheduler.edge_on(step))
-        if gan_on:
-            with autocast() if autocast else _null():
-                fake_logits = run.d_wrapped(sr)
-            g_adv = generator_adversarial_loss(fake_logits, args.gan_loss)
-            loss = loss + args.gan_weight * g_adv
-            parts["g_adv"] = g_adv.detach()
-        scaler.scale(loss).backward()
-        if step < freeze_until:
-            for p_ in frozen_params:
-                p_.grad = None
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).detach().float()
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model, step)
-        if gan_on:
-            run.d_optimizer.zero_grad(set_to_none=True)
-            with autocast() if autocast else _null():
-                real_logits = run.d_wrapped(hr_img)
-                fake_logits = run.d_wrapped(sr.detach())
-            d_loss = discriminator_loss(real_logits, fake_logits, args.gan_loss)
-            d_loss.backward()
-            run.d_optimizer.step()
-            parts["d_loss"] = d_loss.detach()
-
-        # One collective per step: the loss parts averaged over ranks, plus rank 0's step time and stop flag
-        # (so every rank follows the same schedule).
+    def _all_reduce(self, loss: torch.Tensor, parts: dict) -> tuple[list[str], torch.Tensor]:
+        """One collective per step: the loss parts averaged over ranks, plus rank 0's step time and stop flag
+        (so every rank follows the same schedule). Returns the parts' names and [*parts, stop, step seconds]."""
+        run, args, dist = self.run, self.run.args, self.run.dist
+        dev = dist.device
         names = ["loss", *sorted(parts)]
-        step_time = time.time() - t_step
-        compute_s += time.time() - t_got
-        stop = float(args.time_limit > 0 and time.time() - t_start > args.time_limit * 60)
+        step_time = time.time() - self.t_step
+        self.compute_s += time.time() - self.t_got
+        stop = float(args.time_limit > 0 and time.time() - run.t_start > args.time_limit * 60)
         own = [stop * dist.world_size, step_time * dist.world_size] if dist.is_main else [0.0, 0.0]
         vec = torch.stack([loss.detach().float().cpu(), *[parts[n].float().cpu() for n in names[1:]]])
         vec = torch.cat([vec.double(), torch.tensor(own, dtype=torch.float64)])
-        vec = D.all_reduce_mean(vec.to(dev) if dev.type == "cuda" else vec, dist).cpu()
-        done = step + 1
+        return names, D.all_reduce_mean(vec.to(dev) if dev.type == "cuda" else vec, dist).cpu()
+
+    def _advance_schedule(self, done: int, step_seconds: float) -> None:
+        """Tell the schedule how long the step took (but for the first, untimed steps of a session)."""
+        args, scheduler = self.run.args, self.run.scheduler
         had_extra = scheduler.extra > 0
-        scheduler.observe(float(vec[-1]) if done - start > Schedule.UNTIMED_STEPS else None)
+        scheduler.observe(step_seconds if done - self.start > Schedule.UNTIMED_STEPS else None)
         if scheduler.extra > 0 and not had_extra:
             log.info("--time-budget %g min: steps take %.3f s, more than the %.3f s that %d steps allow; the schedule "
                      "now also advances by time.", args.time_budget, scheduler.step_seconds,
                      scheduler.budget / args.steps, args.steps)
-        seen += lr_img.shape[0] * dist.world_size
+
+    def _record(self, done: int, names: list[str], vec: torch.Tensor, lr_now: float, batch_size: int) -> None:
+        """The step's metrics record and progress bar; every --log-every steps a log line and a throughput record."""
+        run, args, dist = self.run, self.run.args, self.run.dist
+        self.seen += batch_size * dist.world_size
         record = {"kind": "train", "step": done, **{n: float(v) for n, v in zip(names, vec[:-2].tolist())}, "lr": lr_now}
-        elapsed = time.time() - t_loop
-        record["img_per_s"] = seen / max(elapsed, 1e-9)
-        record["elapsed_s"] = time.time() - t_start
-        metrics.write(record)
-        if progress is not None:
-            progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}", refresh=False)
-            progress.update(1)
+        elapsed = time.time() - self.t_loop
+        record["img_per_s"] = self.seen / max(elapsed, 1e-9)
+        record["elapsed_s"] = time.time() - run.t_start
+        self.metrics.write(record)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}", refresh=False)
+            self.progress.update(1)
         if dist.is_main and args.log_every > 0 and done % args.log_every == 0:
-            n_img = lr_img.shape[0] * min(args.log_every, done - start)
-            loader_rate, model_rate = n_img / max(data_s, 1e-9), n_img / max(compute_s, 1e-9)
+            n_img = batch_size * min(args.log_every, done - self.start)
+            loader_rate, model_rate = n_img / max(self.data_s, 1e-9), n_img / max(self.compute_s, 1e-9)
             log.info("step %d/%d  loss %.5f  lr %.2e  %.1f img/s  (loader %.1f img/s against the model's %.1f img/s: %s)",
                      done, args.steps, record["loss"], record["lr"], record["img_per_s"], loader_rate, model_rate,
                      "the loader keeps up" if loader_rate >= model_rate else "the model waits for data")
-            metrics.write({"kind": "throughput", "step": done, "loader_img_per_s": loader_rate,
-                           "model_img_per_s": model_rate})
-            data_s = compute_s = 0.0
-        stop_now = vec[-2].item() >= 1.0
-        last = scheduler.finished(done) or stop_now
-        if dist.is_main and run.val_pairs and ((args.val_every > 0 and done % args.val_every == 0) or last):
-            last_val = validate(run)
-            metrics.write({"kind": "val", "step": done, **{k: v for k, v in last_val.items() if k != "n"},
-                           "gain_db": last_val["psnr"] - last_val["bicubic_psnr"]})
+            self.metrics.write({"kind": "throughput", "step": done, "loader_img_per_s": loader_rate,
+                                "model_img_per_s": model_rate})
+            self.data_s = self.compute_s = 0.0
+
+    def _validate_and_save(self, done: int, last: bool) -> None:
+        """Validate every --val-every steps and at the end (rank 0); checkpoint every --save-every steps and at the end."""
+        run, args = self.run, self.run.args
+        if run.dist.is_main and run.val_pairs and ((args.val_every > 0 and done % args.val_every == 0) or last):
+            self.last_val = val = validate(run)
+            self.metrics.write({"kind": "val", "step": done, **{k: v for k, v in val.items() if k != "n"},
+                                "gain_db": val["psnr"] - val["bicubic_psnr"]})
             log.info("step %d: held-out Y-PSNR %.3f dB (bicubic %.3f, %+.3f dB), SSIM %.4f (bicubic %.4f)", done,
-                     last_val["psnr"], last_val["bicubic_psnr"], last_val["psnr"] - last_val["bicubic_psnr"],
-                     last_val["ssim"], last_val["bicubic_ssim"])
+                     val["psnr"], val["bicubic_psnr"], val["psnr"] - val["bicubic_psnr"], val["ssim"], val["bicubic_ssim"])
         if (args.save_every > 0 and done % args.save_every == 0) or last:
-            rngs = D.gather_objects(rng_state(), dist)
-            if dist.is_main:
-                save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run, done, rngs))
-        if step_sleep:
-            time.sleep(step_sleep)
-        t_step = time.time()
+            save_run(run, self.out, done)
+
+    def _stops(self, done: int, stop_now: bool, last: bool) -> bool:
+        args = self.run.args
         if stop_now:
-            stopped_early = True
+            self.stopped_early = True
             log.warning("Stopped by --time-limit %g min at step %d of %d.", args.time_limit, done, args.steps)
-            break
+            return True
         if last:
             if done < args.steps:
                 log.info("--time-budget %g min: schedule completed in %d of %d steps.", args.time_budget, done, args.steps)
-            break
-    if progress is not None:
-        progress.close()
-    metrics.close()
-    D.barrier(dist)
-    if not dist.is_main:
-        return {}
-    if run.val_pairs and not last_val:  # e.g. --resume of a finished run
-        last_val = validate(run)
-    return finish(run, out, start, stopped_early, last_val, time.time() - t_start)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
+            return True
         return False
-
-
-def data_manifests(folders) -> dict[str, str]:
-    """SHA-256 of the manifest (``manifest.jsonl``, as ``python -m training.art build`` writes) that describes
-    each --data folder: in the folder or the one above it."""
-    import hashlib
-
-    found = {}
-    for folder in folders or []:
-        for cand in (Path(folder) / "manifest.jsonl", Path(folder).parent / "manifest.jsonl"):
-            if cand.is_file():
-                found[str(folder)] = hashlib.sha256(cand.read_bytes()).hexdigest()
-                break
-    return found
-
-
-def data_pixel_hashes(folders) -> dict[str, str]:
-    """The art builder's ``pixels_sha256`` (``summary.json`` beside the manifest) of each --data folder: the
-    data's content hash, the same whatever PNG encoder wrote the files."""
-    found = {}
-    for folder in folders or []:
-        for cand in (Path(folder) / "summary.json", Path(folder).parent / "summary.json"):
-            if cand.is_file():
-                try:
-                    value = json.loads(cand.read_text()).get("pixels_sha256")
-                except (ValueError, OSError, AttributeError):
-                    value = None
-                if isinstance(value, str):
-                    found[str(folder)] = value
-                break
-    return found
-
-
-def provenance(args, device, seconds: float) -> dict[str, str]:
-    """What a shipped model records beside its command: data manifest hash, machine, wall time, versions."""
-    import platform
-
-    manifests = data_manifests(args.data)
-    pixels = data_pixel_hashes(args.data)
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name(device)
-    else:
-        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return {
-        "data_manifest_sha256": ";".join(f"{k}={v}" for k, v in manifests.items()) if manifests else
-                                ("generated (training/synthetic.py)" if not args.data else "none found"),
-        **({"data_pixels_sha256": ";".join(f"{k}={v}" for k, v in pixels.items())} if pixels else {}),
-        "machine": machine,
-        "wall_time_s": f"{seconds:.0f}",
-        "torch": torch.__version__,
-    }
-
-
-def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict, seconds: float) -> dict:
-    """Export the final (EMA) weights as .safetensors, write the side-by-side PNG and summary.json."""
-    args = run.args
-    final = (run.ema.model if run.ema else run.model)
-    final = copy.deepcopy(final).cpu().eval()
-    for m in archs.fusable_modules(final):
-        m.refresh_fused()  # keep stored fused kernels in step with the trained branches
-    records = read_jsonl(out / METRICS_NAME)
-    steps_done = max((r["step"] for r in records), default=start)
-    meta = {
-        "flexsr_architecture": run.loaded.architecture,
-        "scale": run.loaded.scale,
-        "steps": steps_done,
-        "seed": args.seed,
-        "command": " ".join(getattr(args, "command", []) or []),
-        **provenance(args, run.dist.device, run.wall_before + seconds),
-    }
-    name = export_name(final, args.name)
-    model_path = export_safetensors(final, out / f"{name}.safetensors", meta)
-    png = None
-    if run.val_pairs:
-        png = side_by_side(final, run.val_pairs, run.loaded.scale, "cpu", out / f"{name}_samples.png")
-    summary = {
-        "model": str(model_path),
-        "samples_png": str(png) if png else None,
-        "architecture": run.loaded.architecture,
-        "scale": run.loaded.scale,
-        "parameters": parameter_count(final),
-        "steps": steps_done,
-        "stopped_early": stopped_early,
-        "schedule_by_time": run.scheduler.extra > 0,  # --time-budget changed the schedule (not step-exact)
-        "seconds": seconds,
-        "world_size": run.dist.world_size,
-    }
-    if last_val:
-        summary.update({f"val_{k}": v for k, v in last_val.items()})
-        summary["val_gain_db"] = last_val["psnr"] - last_val["bicubic_psnr"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("Exported %s", model_path)
-    if last_val:
-        log.info("Held-out Y-PSNR %.3f dB vs bicubic %.3f dB: %+.3f dB (SSIM %.4f vs %.4f) over %d images.",
-                 last_val["psnr"], last_val["bicubic_psnr"], summary["val_gain_db"], last_val["ssim"],
-                 last_val["bicubic_ssim"], last_val["n"])
-    if png:
-        log.info("Side-by-side (LR | bicubic | model | HR): %s", png)
-    return summary
