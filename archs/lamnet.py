@@ -22,9 +22,11 @@ from spandrel import ImageModelDescriptor, StateDict
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
+from . import onednn
 from .errors import IncompatibleWeightsError
 from .fsa import CPU_BAND_ELEMENTS, KernelMap, fsa_spatial, normalize_kernel_map, tap_ranges
 from .registry import FlexSRArchitecture
+from .reparam import derived
 
 __all__ = [
     "LAMNet",
@@ -241,6 +243,12 @@ class PreNormResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _scaled_residual(x, self.fn(self.norm(x)), self.alpha)
 
+    def forward_tokens(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        """Inference form on tokens ``[B*H*W, C]`` (a new tensor): the norm's ``alpha``/``beta`` and the
+        residual's ``alpha`` fold into the branch's first and last weights."""
+        normed = F.layer_norm(x, (x.shape[1],), None, None, self.norm.eps)
+        return self.fn.add_tokens(x, normed, size, self.norm, self.alpha)
+
 
 class DGFN(nn.Module):
     """Dual-gate feed-forward: ``project_out(cat[gelu(x1) * x1, gelu(x1) * x2])``, ``x1, x2`` from a 1x1 + dw3x3."""
@@ -260,6 +268,28 @@ class DGFN(nn.Module):
         gate = F.gelu(both[:, :1])  # one gate for both halves: cat[g*x1, g*x2] = cat[x1, x2] * g
         gated = both.mul_(gate) if _inference() else both * gate
         return self.project_out(gated.view(b, c, h, w))
+
+    def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
+        """``x + alpha * DGFN(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor."""
+        b, h, w = size
+        c = x.shape[1]
+        hidden2 = self.project_in.out_channels
+
+        def fold():
+            w_in = self.project_in.weight.view(hidden2, c)
+            b_in = w_in @ norm.beta.view(c)
+            w_out = self.project_out.weight.view(c, hidden2) * alpha.view(c, 1)
+            return ((w_in * norm.alpha.view(1, c)).contiguous(),
+                    b_in if self.project_in.bias is None else b_in + self.project_in.bias,
+                    w_out.contiguous(), None if self.project_out.bias is None else self.project_out.bias * alpha.view(c))
+
+        sources = [self.project_in.weight, self.project_in.bias, self.project_out.weight, self.project_out.bias,
+                   norm.alpha, norm.beta, alpha]
+        w_in, b_in, w_out, b_out = derived(self, "tokens", [t for t in sources if t is not None], fold)
+        inner = onednn.tokens(onednn.depthwise_conv(onednn.image(onednn.linear(normed, w_in, b_in), b, h, w), self.dwconv))
+        half = hidden2 // 2
+        inner.view(-1, 2, half).mul_(F.gelu(inner[:, :half]).unsqueeze(1))
+        return onednn.linear_add(inner, x, w_out, b_out)
 
 
 class SpatialInteraction(nn.Module):
@@ -387,6 +417,59 @@ class LSAMixer(nn.Module):
         channel_map = self.channel_interaction(x_conv, attn).view(b, self.dim, h, w)
         return self.proj_out(torch.cat([spatial_map, channel_map], dim=1))
 
+    def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
+        """``x + alpha * LSAMixer(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor.
+
+        The channel branch and ``proj_out`` work on tokens (oneDNN); the FSA branch works on
+        ``[B, C/2, H, W]`` maps (its op and depthwise convs are fastest there), which the 1x1 convs around
+        it read and write through transposed matmuls, so no layout copy is made. The channel gate
+        folds into ``proj_out``'s weights for the FSA half.
+        """
+        b, h, w = size
+        hw, c, half = h * w, x.shape[1], self.dim
+        taps = self.taps()
+
+        def fold():
+            w_in = self.proj_in.weight.view(c, c)
+            b_in = self.proj_in.bias + w_in @ norm.beta.view(c)
+            w_in = w_in * norm.alpha.view(1, c)
+            w_out = self.proj_out.weight.view(c, c) * alpha.view(c, 1)
+            return (w_in[:half].contiguous(), b_in[:half].contiguous(), w_in[half:].contiguous(),
+                    b_in[half:].contiguous(), w_out[:, :half].contiguous(), self.proj_out.bias * alpha.view(c),
+                    w_out[:, half:].contiguous())
+
+        sources = [self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, self.proj_out.bias,
+                   norm.alpha, norm.beta, alpha]
+        w1, b1, w2, b2, w_conv, b_out, w_attn = derived(self, "tokens", sources, fold)
+        x1 = onednn.linear(normed, w1, b1)
+        branch = self.channel_branch
+        x_conv = onednn.linear(onednn.linear(x1, branch[0].weight.flatten(1), branch[0].bias, "relu"),
+                               branch[2].weight.flatten(1), branch[2].bias)  # [N, C/2]
+        x2 = _matmul_maps(normed.view(b, hw, c), w2, b2).view(b, half, h, w)  # [B, C/2, H, W]
+        conv = self.h_kernel[1]
+        kernel_h = _matmul_maps(self._horizontal_patch_conv(x2).reshape(b, half, hw).transpose(1, 2),
+                                conv.weight.flatten(1), conv.bias)
+        attn_h = fsa_spatial(x2, _tanh(kernel_h).view(b, -1, h, w), taps, self.groups, "horizontal")
+        conv = self.v_kernel[1]
+        kernel_v = _matmul_maps(self.v_kernel[0](attn_h).reshape(b, half, hw).transpose(1, 2), conv.weight.flatten(1), conv.bias)
+        attn = fsa_spatial(attn_h, _tanh(kernel_v).view(b, -1, h, w), taps, self.groups, "vertical").view(b, half, hw)
+        x_conv = x_conv.view(b, hw, half)
+        spatial_gate = torch.sigmoid(x_conv @ (attn.mean(-1) / half).unsqueeze(-1))  # [B, HW, 1]
+        channel_gate = torch.sigmoid(attn @ (x_conv.mean(-1) / hw).unsqueeze(-1))  # [B, C/2, 1]
+        # the FSA half of proj_out, with the channel gate in its weights, added to the residual
+        weight = w_attn.unsqueeze(0) * channel_gate.transpose(1, 2)  # [B, C, C/2]
+        out = torch.baddbmm(x.view(b, hw, c), attn.transpose(1, 2), weight.transpose(1, 2))
+        return onednn.linear_add(x_conv.mul_(spatial_gate).view(-1, half), out.view(-1, c), w_conv, b_out)
+
+
+def _matmul_maps(t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 conv from tokens ``t`` ``[B, HW, Cin]`` (any strides) to maps ``[B, Cout, HW]``."""
+    b = t.shape[0]
+    w = weight.unsqueeze(0).expand(b, -1, -1)
+    if bias is None:
+        return torch.bmm(w, t.transpose(1, 2))
+    return torch.baddbmm(bias.view(1, -1, 1), w, t.transpose(1, 2))
+
 
 class LAMixerBlock(nn.Module):
     """``num_blocks`` x [pre-norm LSAMixer, pre-norm DGFN], then ``x + alpha * mixers(x)``."""
@@ -402,6 +485,12 @@ class LAMixerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _scaled_residual(x, self.mixers(x), self.alpha)
+
+    def forward_tokens(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        y = x
+        for layer in self.mixers:
+            y = layer.forward_tokens(y, size)
+        return torch.addcmul(x, y, self.alpha.view(-1), out=y)
 
 
 class UpsampleOneStep(nn.Sequential):
@@ -479,11 +568,29 @@ class LAMNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and onednn.available(x):
+            return self._infer(x)
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.shallow_feature_extraction(x)
         x = _scaled_residual(x, self.deep_feature_extraction(x), self.alpha)
         x = self.upsample(x)
+        return x / self.img_range + mean
+
+    def _infer(self, x: Tensor) -> Tensor:
+        """Inference form (no autograd, float32 CPU): channels-last tokens ``[B*H*W, C]`` through the
+        body, 1x1 convs on oneDNN, norm and residual scales folded into neighbouring weights. Same
+        numbers as the reference graph to float rounding."""
+        b, _, h, w = x.shape
+        mean = self.mean.to(x.dtype)
+        x = ((x - mean) * self.img_range).contiguous(memory_format=torch.channels_last)
+        feat = self.shallow_feature_extraction(x)
+        y = onednn.tokens(feat)
+        body = self.deep_feature_extraction
+        for group in body[:-1]:
+            y = group.forward_tokens(y, (b, h, w))
+        deep = body[-1](onednn.image(y, b, h, w))
+        x = self.upsample(torch.addcmul(feat, deep, self.alpha))
         return x / self.img_range + mean
 
 
