@@ -170,16 +170,12 @@ class SADFFM(nn.Module):
         w_sal = [sal.weight[:hidden], sal.weight[hidden:]]
         b_sal = [None, None] if sal.bias is None else [sal.bias[:hidden], sal.bias[hidden:]]
         out = torch.empty_like(x)
-        rows = max(1, min(h, FFN_CHUNK // w))
-        for i in range(b):
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                a, z = max(0, r0 - 1), min(h, r1 + 1)  # with the neighbouring rows SAL reads
-                band = x[(i * h + a) * w : (i * h + z) * w]
-                gate, value = (onednn.image(onednn.linear(band, w_in[j], b_in[j]), 1, z - a, w) for j in (0, 1))
-                gated = onednn.tokens(onednn.depthwise_gated(gate, value, w_sal[0], b_sal[0], w_sal[1], b_sal[1], 1))
-                gated = gated[(r0 - a) * w : (r1 - a) * w]
-                out[(i * h + r0) * w : (i * h + r1) * w] = onednn.linear(gated, w_out, self.linear_out.bias)
+        for rows, inner, start in onednn.row_bands(b, h, w, FFN_CHUNK, 1):  # with the rows SAL reads
+            band = x[rows]
+            height = band.shape[0] // w
+            gate, value = (onednn.image(onednn.linear(band, w_in[j], b_in[j]), 1, height, w) for j in (0, 1))
+            gated = onednn.tokens(onednn.depthwise_gated(gate, value, w_sal[0], b_sal[0], w_sal[1], b_sal[1], 1))
+            out[start : start + inner.stop - inner.start] = onednn.linear(gated[inner], w_out, self.linear_out.bias)
         self.DFFM.add_to_(y, out, b, scale)
 
 

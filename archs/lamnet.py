@@ -154,6 +154,10 @@ def check_kernel_map(value: Tensor, kernel_size: int, where: str = "kernel_map")
 # Layers
 
 
+#: Inference on the CPU: pixels per band of DGFN's wide part.
+FFN_CHUNK = 1024
+
+
 def _inference() -> bool:
     """No autograd graph is being built: intermediate tensors may be reused in place."""
     return not torch.is_grad_enabled()
@@ -270,7 +274,9 @@ class DGFN(nn.Module):
         return self.project_out(gated.view(b, c, h, w))
 
     def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
-        """``x + alpha * DGFN(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor."""
+        """``x + alpha * DGFN(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor;
+        in bands of about :data:`FFN_CHUNK` pixels (each with the rows its 3x3 conv reads), so the
+        2x-wide activations stay in cache."""
         b, h, w = size
         c = x.shape[1]
         hidden2 = self.project_in.out_channels
@@ -286,10 +292,15 @@ class DGFN(nn.Module):
         sources = [self.project_in.weight, self.project_in.bias, self.project_out.weight, self.project_out.bias,
                    norm.alpha, norm.beta, alpha]
         w_in, b_in, w_out, b_out = derived(self, "tokens", [t for t in sources if t is not None], fold)
-        inner = onednn.tokens(onednn.depthwise_conv(onednn.image(onednn.linear(normed, w_in, b_in), b, h, w), self.dwconv))
         half = hidden2 // 2
-        inner.view(-1, 2, half).mul_(F.gelu(inner[:, :half]).unsqueeze(1))
-        return onednn.linear_add(inner, x, w_out, b_out)
+        out = torch.empty_like(x)
+        for rows, inner, start in onednn.row_bands(b, h, w, FFN_CHUNK, 1):  # with the rows dwconv reads
+            band = onednn.linear(normed[rows], w_in, b_in)
+            band = onednn.tokens(onednn.depthwise_conv(onednn.image(band, 1, band.shape[0] // w, w), self.dwconv))[inner]
+            band.view(-1, 2, half).mul_(F.gelu(band[:, :half]).unsqueeze(1))
+            end = start + band.shape[0]
+            out[start:end] = onednn.linear_add(band, x[start:end], w_out, b_out)
+        return out
 
 
 class SpatialInteraction(nn.Module):
@@ -422,8 +433,8 @@ class LSAMixer(nn.Module):
 
         The channel branch and ``proj_out`` work on tokens (oneDNN); the FSA branch works on
         ``[B, C/2, H, W]`` maps (its op and depthwise convs are fastest there), which the 1x1 convs around
-        it read and write through transposed matmuls, so no layout copy is made. The channel gate
-        folds into ``proj_out``'s weights for the FSA half.
+        it read and write through transposed matmuls; the gated FSA maps are written straight into
+        ``proj_out``'s input tokens.
         """
         b, h, w = size
         hw, c, half = h * w, x.shape[1], self.dim
@@ -435,31 +446,32 @@ class LSAMixer(nn.Module):
             w_in = w_in * norm.alpha.view(1, c)
             w_out = self.proj_out.weight.view(c, c) * alpha.view(c, 1)
             return (w_in[:half].contiguous(), b_in[:half].contiguous(), w_in[half:].contiguous(),
-                    b_in[half:].contiguous(), w_out[:, :half].contiguous(), self.proj_out.bias * alpha.view(c),
-                    w_out[:, half:].contiguous())
+                    b_in[half:].contiguous(), w_out.contiguous(), self.proj_out.bias * alpha.view(c))
 
         sources = [self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, self.proj_out.bias,
                    norm.alpha, norm.beta, alpha]
-        w1, b1, w2, b2, w_conv, b_out, w_attn = derived(self, "tokens", sources, fold)
+        w1, b1, w2, b2, w_out, b_out = derived(self, "tokens", sources, fold)
         x1 = onednn.linear(normed, w1, b1)
         branch = self.channel_branch
         x_conv = onednn.linear(onednn.linear(x1, branch[0].weight.flatten(1), branch[0].bias, "relu"),
                                branch[2].weight.flatten(1), branch[2].bias)  # [N, C/2]
-        x2 = _matmul_maps(normed.view(b, hw, c), w2, b2).view(b, half, h, w)  # [B, C/2, H, W]
+        x2 = onednn.linear(normed, w2, b2)  # tokens [N, C/2]
+        patch = onednn.tokens(onednn.depthwise_conv(onednn.image(x2, b, h, w), self.h_kernel[0]))
         conv = self.h_kernel[1]
-        kernel_h = _matmul_maps(self._horizontal_patch_conv(x2).reshape(b, half, hw).transpose(1, 2),
-                                conv.weight.flatten(1), conv.bias)
-        attn_h = fsa_spatial(x2, _tanh(kernel_h).view(b, -1, h, w), taps, self.groups, "horizontal")
+        kernel_h = _tanh(onednn.linear_to_maps(patch, conv.weight.flatten(1), conv.bias, b)).view(b, -1, h, w)
+        x2 = x2.view(b, hw, half).transpose(1, 2).reshape(b, half, h, w)  # maps, for the FSA op
+        attn_h = fsa_spatial(x2, kernel_h, taps, self.groups, "horizontal")
+        patch = self.v_kernel[0](attn_h)  # along H on maps: oneDNN's fast direction there
         conv = self.v_kernel[1]
-        kernel_v = _matmul_maps(self.v_kernel[0](attn_h).reshape(b, half, hw).transpose(1, 2), conv.weight.flatten(1), conv.bias)
+        kernel_v = _matmul_maps(patch.view(b, half, hw).transpose(1, 2), conv.weight.flatten(1), conv.bias)
         attn = fsa_spatial(attn_h, _tanh(kernel_v).view(b, -1, h, w), taps, self.groups, "vertical").view(b, half, hw)
         x_conv = x_conv.view(b, hw, half)
         spatial_gate = torch.sigmoid(x_conv @ (attn.mean(-1) / half).unsqueeze(-1))  # [B, HW, 1]
         channel_gate = torch.sigmoid(attn @ (x_conv.mean(-1) / hw).unsqueeze(-1))  # [B, C/2, 1]
-        # the FSA half of proj_out, with the channel gate in its weights, added to the residual
-        weight = w_attn.unsqueeze(0) * channel_gate.transpose(1, 2)  # [B, C, C/2]
-        out = torch.baddbmm(x.view(b, hw, c), attn.transpose(1, 2), weight.transpose(1, 2))
-        return onednn.linear_add(x_conv.mul_(spatial_gate).view(-1, half), out.view(-1, c), w_conv, b_out)
+        mixed = torch.empty_like(x).view(b, hw, c)  # the concatenation, both gates applied, as tokens
+        torch.mul(x_conv, spatial_gate, out=mixed[..., :half])
+        torch.mul(attn.transpose(1, 2), channel_gate.transpose(1, 2), out=mixed[..., half:])
+        return onednn.linear_add(mixed.view(-1, c), x, w_out, b_out)
 
 
 def _matmul_maps(t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

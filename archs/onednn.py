@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["available", "linear", "linear_add", "image", "tokens", "depthwise_conv", "depthwise_gated"]
+__all__ = [
+    "available", "linear", "linear_add", "linear_to_maps", "image", "tokens", "row_bands", "depthwise_conv",
+    "depthwise_gated",
+]
 
 _ACTIVATIONS = {
     "none": lambda t: t,
@@ -66,6 +69,20 @@ def linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None)
     return torch.addmm(residual, x, weight.t()) if bias is None else torch.addmm(residual + bias, x, weight.t())
 
 
+def linear_to_maps(t: Tensor, weight: Tensor, bias: Tensor | None, b: int) -> Tensor:
+    """A 1x1 conv from tokens ``t`` ``[B*HW, Cin]`` to maps ``[B, Cout, HW]`` (``weight @ t.T + bias``
+    per image). On oneDNN the weight is the matmul's input and the tokens its weight, so the result
+    comes out channel-major with no transpose."""
+    n = t.shape[0] // b
+    if available(t) and t.is_contiguous():
+        op = _linear_op()
+        maps = [op(weight, t[i * n : (i + 1) * n], None, "none", [], "") for i in range(b)]
+        out = maps[0].unsqueeze(0) if b == 1 else torch.stack(maps)
+        return out if bias is None else out.add_(bias.view(1, -1, 1))
+    out = torch.matmul(weight, t.view(b, n, -1).transpose(1, 2))
+    return out if bias is None else out.add_(bias.view(1, -1, 1))
+
+
 def image(t: Tensor, b: int, h: int, w: int) -> Tensor:
     """Tokens ``[B*H*W, C]`` as a channels-last ``[B, C, H, W]`` view."""
     return t.view(b, h, w, t.shape[-1]).permute(0, 3, 1, 2)
@@ -74,6 +91,19 @@ def image(t: Tensor, b: int, h: int, w: int) -> Tensor:
 def tokens(x: Tensor) -> Tensor:
     """``[B, C, H, W]`` as tokens ``[B*H*W, C]``: a view of a channels-last map, else one copy."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def row_bands(b: int, h: int, w: int, pixels: int, halo: int):
+    """Bands of image rows holding about ``pixels`` pixels each, for work whose activations should stay
+    in cache: yields ``(rows, inner, start)`` per band, ``rows`` the token range of the band with up to
+    ``halo`` rows above and below it (what a ``2*halo+1``-tall conv reads), ``inner`` the band's own
+    token range within those, ``start`` its first token in the whole map (``[B*H*W, C]`` tokens)."""
+    step = max(1, min(h, pixels // max(1, w)))
+    for i in range(b):
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            a, z = max(0, r0 - halo), min(h, r1 + halo)
+            yield slice((i * h + a) * w, (i * h + z) * w), slice((r0 - a) * w, (r1 - a) * w), (i * h + r0) * w
 
 
 def depthwise_conv(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
