@@ -431,10 +431,10 @@ class LSAMixer(nn.Module):
     def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
         """``x + alpha * LSAMixer(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor.
 
-        The channel branch and ``proj_out`` work on tokens (oneDNN); the FSA branch works on
-        ``[B, C/2, H, W]`` maps (its op and depthwise convs are fastest there), which the 1x1 convs around
-        it read and write through transposed matmuls; the gated FSA maps are written straight into
-        ``proj_out``'s input tokens.
+        Every conv works on tokens (1x1 convs on oneDNN, depthwise convs channels-last); the FSA op works
+        on ``[B, C/2, H, W]`` maps (fastest there): the kernel-predicting 1x1 convs write maps straight
+        from tokens (:func:`onednn.linear_to_maps`), the horizontal pass's output is turned into tokens
+        once for ``v_kernel``, and the gated FSA output is written straight into ``proj_out``'s input.
         """
         b, h, w = size
         hw, c, half = h * w, x.shape[1], self.dim
@@ -461,10 +461,11 @@ class LSAMixer(nn.Module):
         kernel_h = _tanh(onednn.linear_to_maps(patch, conv.weight.flatten(1), conv.bias, b)).view(b, -1, h, w)
         x2 = x2.view(b, hw, half).transpose(1, 2).reshape(b, half, h, w)  # maps, for the FSA op
         attn_h = fsa_spatial(x2, kernel_h, taps, self.groups, "horizontal")
-        patch = self.v_kernel[0](attn_h)  # along H on maps: oneDNN's fast direction there
+        patch = attn_h.permute(0, 2, 3, 1).contiguous()  # tokens, for the channels-last depthwise conv
+        patch = onednn.tokens(onednn.depthwise_conv(onednn.image(patch.view(-1, half), b, h, w), self.v_kernel[0]))
         conv = self.v_kernel[1]
-        kernel_v = _matmul_maps(patch.view(b, half, hw).transpose(1, 2), conv.weight.flatten(1), conv.bias)
-        attn = fsa_spatial(attn_h, _tanh(kernel_v).view(b, -1, h, w), taps, self.groups, "vertical").view(b, half, hw)
+        kernel_v = _tanh(onednn.linear_to_maps(patch, conv.weight.flatten(1), conv.bias, b)).view(b, -1, h, w)
+        attn = fsa_spatial(attn_h, kernel_v, taps, self.groups, "vertical").view(b, half, hw)
         x_conv = x_conv.view(b, hw, half)
         spatial_gate = torch.sigmoid(x_conv @ (attn.mean(-1) / half).unsqueeze(-1))  # [B, HW, 1]
         channel_gate = torch.sigmoid(attn @ (x_conv.mean(-1) / hw).unsqueeze(-1))  # [B, C/2, 1]
@@ -472,15 +473,6 @@ class LSAMixer(nn.Module):
         torch.mul(x_conv, spatial_gate, out=mixed[..., :half])
         torch.mul(attn.transpose(1, 2), channel_gate.transpose(1, 2), out=mixed[..., half:])
         return onednn.linear_add(mixed.view(-1, c), x, w_out, b_out)
-
-
-def _matmul_maps(t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A 1x1 conv from tokens ``t`` ``[B, HW, Cin]`` (any strides) to maps ``[B, Cout, HW]``."""
-    b = t.shape[0]
-    w = weight.unsqueeze(0).expand(b, -1, -1)
-    if bias is None:
-        return torch.bmm(w, t.transpose(1, 2))
-    return torch.baddbmm(bias.view(1, -1, 1), w, t.transpose(1, 2))
 
 
 class LAMixerBlock(nn.Module):
