@@ -6,8 +6,8 @@ EPYC with AVX-512, where MKL does not take its fastest paths); oneDNN's matmul, 
 torch's convolutions, reaches ~75-85 % on the same shapes and can apply an activation or add a
 residual as it writes its output. ``torch.ops.mkldnn._linear_pointwise`` is that matmul (the op
 torch's own compiler emits for linear layers on the CPU). Everything here falls back to plain torch
-ops wherever oneDNN is not there, is switched off (``torch.backends.mkldnn.enabled``), or the tensors
-are not float32 CPU tensors; results agree with the plain ops to float rounding.
+ops wherever oneDNN is not there, is switched off (``torch.backends.mkldnn.enabled``), autocast is on,
+or the tensors are not float32 CPU tensors; results agree with the plain ops to float rounding.
 
 Tokens are ``[N, C]`` with ``N = B*H*W`` in row-major pixel order: the memory of a channels-last image,
 so :func:`image` and :func:`tokens` turn one into the other without a copy.
@@ -43,11 +43,13 @@ def _linear_op():
 
 
 def available(x: Tensor) -> bool:
-    """True where :func:`linear` runs on oneDNN for ``x``: float32 on the CPU, oneDNN built and enabled."""
+    """True where :func:`linear` runs on oneDNN for ``x``: float32 on the CPU, oneDNN built and enabled,
+    and no autocast (which the models' reference graphs follow; these ops would stay float32)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
         and bool(_linear_op())
     )
 

@@ -112,7 +112,11 @@ def test_inference_forms_are_taken_and_fall_back_without_onednn(monkeypatch):
         assert not onednn.available(x)
         slow_e, slow_l = model_e(x), model_l(x)
     assert (fast_e - slow_e).abs().max() <= 1e-5 and (fast_l - slow_l).abs().max() <= 1e-5
-    with torch.no_grad():  # other dtypes take the reference graph
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the engine's bf16: the reference graph
+        auto_e, auto_l = model_e(x), model_l(x)
+    assert not calls and auto_e.dtype == torch.bfloat16
+    with torch.no_grad():  # so do other dtypes
         half = model_e.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert half.dtype == torch.bfloat16 and (half.float() - fast_e).abs().max() < 0.1
 
