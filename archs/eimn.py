@@ -17,6 +17,15 @@ Network, on ``[B, 3, H, W]`` images in 0..1::
 Everything is convolutional with zero padding and no down-sampling, so any input size down to 1x1
 works as is (no internal padding needed) and gives the reference's numbers. BatchNorm layers use
 their running statistics in eval mode (the descriptor returned by the loader is in eval mode).
+
+Inference form: in eval mode without autograd, on float32 CPU tensors (no autocast), ``forward`` runs
+:meth:`EIMN._infer`: channels-last tokens ``[B*H*W, C]`` from head to tail (the reference graph leaves
+each stage's output channels-last, so its convs switch layouts), every 1x1 conv a oneDNN matmul
+(:mod:`archs.onednn`) with its GELU / SiLU / residual add fused, each BatchNorm folded into the 1x1
+convs that read it and each layer scale into its branch's last weights (cached by
+:func:`archs.reparam.derived`, so they follow every weight change), SADFFM's wide part in row bands
+with its GELU gate fused into the depthwise convs, the dilated depthwise convs as undilated ones over
+sub-grids. Same numbers as the reference graph to ~1e-6; training and state dicts are untouched.
 """
 
 from __future__ import annotations

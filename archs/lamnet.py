@@ -9,6 +9,12 @@ every device. No padding is needed: every layer works on any size down to 1x1, a
 Layout: ``x - mean`` -> conv3 (``shallow_feature_extraction``) -> ``num_groups`` x LAMixerBlock
 (``num_blocks`` x [pre-norm LSAMixer, pre-norm DGFN], scaled residual) -> conv3, scaled residual ->
 conv3 + PixelShuffle (``upsample``) -> ``+ mean``.
+
+Inference form: without autograd, on float32 CPU tensors (no autocast), ``forward`` runs
+:meth:`LAMNet._infer`: channels-last tokens ``[B*H*W, C]`` through the body, 1x1 convs as oneDNN
+matmuls (:mod:`archs.onednn`), each norm's ``alpha``/``beta`` and each residual ``alpha`` folded into
+neighbouring weights (cached by :func:`archs.reparam.derived`), depthwise convs channels-last, DGFN in
+row bands; only the FSA op works on ``[B, C/2, H, W]`` maps. Same numbers to ~1e-6.
 """
 
 from __future__ import annotations
