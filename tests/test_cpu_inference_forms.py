@@ -241,3 +241,15 @@ def test_state_dict_keys_are_unchanged_by_inference():
         assert list(after) == list(before)
         assert all(torch.equal(before[k], after[k]) for k in before)
         copy.deepcopy(model)  # the caches do not get in the way of copies
+
+
+@pytest.mark.parametrize("family", ["eimn", "lamnet"])
+def test_channels_last_models_and_inputs(family):
+    """Weights and inputs in channels-last memory (what a caller may hand over) give the same numbers."""
+    model = eimn(embed_dims=16, num_stages=2) if family == "eimn" else lamnet(**LAMNET_CONFIGS["d16-g2-x2"][0])
+    x = torch.rand(1, 3, 13, 11)
+    reference = model(x).detach()
+    model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    assert (got - reference).abs().max() <= 1e-5
