@@ -96,11 +96,11 @@ def tokens(x: Tensor) -> Tensor:
 
 
 def row_bands(b: int, h: int, w: int, pixels: int, halo: int):
-    """Bands of image rows holding about ``pixels`` pixels each, for work whose activations should stay
-    in cache: yields ``(rows, inner, start)`` per band, ``rows`` the token range of the band with up to
+    """Bands of image rows holding about ``pixels`` pixels each (but at least ``8 * halo`` rows, so that
+    wide images recompute at most a quarter more), for work whose activations should stay in cache: yields ``(rows, inner, start)`` per band, ``rows`` the token range of the band with up to
     ``halo`` rows above and below it (what a ``2*halo+1``-tall conv reads), ``inner`` the band's own
     token range within those, ``start`` its first token in the whole map (``[B*H*W, C]`` tokens)."""
-    step = max(1, min(h, pixels // max(1, w)))
+    step = max(1, min(h, max(8 * halo, pixels // max(1, w))))  # at least 8 rows per halo row: <= 25% recomputed
     for i in range(b):
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)

@@ -257,3 +257,15 @@ def test_channels_last_models_and_inputs(family):
     with torch.no_grad():
         got = model(x.contiguous(memory_format=torch.channels_last))
     assert (got - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("b, h, w, pixels", [(2, 13, 5, 12), (1, 30, 70, 1), (1, 3, 4, 1000), (3, 1, 1, 1)])
+def test_row_bands_cover_every_pixel_once_with_their_halo(b, h, w, pixels):
+    seen = torch.zeros(b * h * w, dtype=torch.int64)
+    for rows, inner, start in onednn.row_bands(b, h, w, pixels, 1):
+        n = inner.stop - inner.start
+        assert rows.start + inner.start == start and inner.stop <= rows.stop - rows.start
+        assert (rows.stop - rows.start) // w <= max(8, pixels // w) + 2  # the band and at most one row each side
+        assert rows.start // (h * w) == (rows.stop - 1) // (h * w)  # never across two images
+        seen[start : start + n] += 1
+    assert torch.equal(seen, torch.ones_like(seen))
