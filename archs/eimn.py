@@ -17,6 +17,15 @@ Network, on ``[B, 3, H, W]`` images in 0..1::
 Everything is convolutional with zero padding and no down-sampling, so any input size down to 1x1
 works as is (no internal padding needed) and gives the reference's numbers. BatchNorm layers use
 their running statistics in eval mode (the descriptor returned by the loader is in eval mode).
+
+Inference form: in eval mode without autograd, on float32 CPU tensors (no autocast), ``forward`` runs
+:meth:`EIMN._infer`: channels-last tokens ``[B*H*W, C]`` from head to tail (the reference graph leaves
+each stage's output channels-last, so its convs switch layouts), every 1x1 conv a oneDNN matmul
+(:mod:`archs.onednn`) with its GELU / SiLU / residual add fused, each BatchNorm folded into the 1x1
+convs that read it and each layer scale into its branch's last weights (cached by
+:func:`archs.reparam.derived`, so they follow every weight change), SADFFM's wide part in row bands
+with its GELU gate fused into the depthwise convs, the dilated depthwise convs as undilated ones over
+sub-grids. Same numbers as the reference graph to ~1e-6; training and state dicts are untouched.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from spandrel import ImageModelDescriptor
 from spandrel.util import KeyCondition, get_scale_and_output_channels, store_hyperparameters
 from torch import Tensor, nn
 
+from . import onednn
 from .errors import IncompatibleWeightsError
 from .registry import FlexSRArchitecture
+from .reparam import derived, inference_path
 
 #: The published configurations; the preset functions below and the descriptor's tags read these.
 PRESETS: dict[str, dict[str, object]] = {
@@ -106,6 +117,35 @@ class DFFM(nn.Module):
         spatial_gate = torch.sigmoid(self.spatial_expand(both))  # [B, 1, H, W]
         return x * (channel_gate * spatial_gate)
 
+    def add_to_(self, y: Tensor, x: Tensor, b: int, scale: Tensor) -> None:
+        """Inference: ``y += scale * DFFM(x)`` in place, ``y`` and ``x`` tokens ``[B*H*W, C]`` (``x`` is overwritten).
+
+        The norm's weight and bias fold into both reduce convs; the gates are applied in place.
+        """
+        n, c = x.shape
+        norm, r = self.norm, self.local_reduce.out_channels
+
+        def fold():
+            wl = self.local_reduce.weight.view(r, c)
+            return (wl * norm.weight).contiguous(), self.local_reduce.bias + wl @ norm.bias
+
+        wl, bl = derived(self, "local", [norm.weight, norm.bias, self.local_reduce.weight, self.local_reduce.bias], fold)
+        normed = F.layer_norm(x, (c,), None, None, norm.eps)  # [N, C] without the affine part
+        x_global = F.linear(normed.view(b, n // b, c).mean(1) * norm.weight + norm.bias,
+                            self.global_reduce.weight.view(r, c), self.global_reduce.bias)
+        x_global = F.gelu(x_global)  # [B, r]
+        channel_gate = torch.sigmoid(F.linear(x_global, self.channel_expand.weight.view(c, r), self.channel_expand.bias))
+        x_local = onednn.linear(normed, wl, bl, "gelu")  # [N, r]
+        w_spatial = self.spatial_expand.weight.view(2 * r)
+        per_image = x_global @ w_spatial[r:] + self.spatial_expand.bias  # [B]
+        spatial_gate = (x_local.view(b, n // b, r) @ w_spatial[:r]).add_(per_image[:, None]).sigmoid_()
+        x = x.view(b, n // b, c).mul_(spatial_gate[..., None])
+        y.view(b, n // b, c).addcmul_(x, (channel_gate * scale)[:, None, :])
+
+
+#: Inference: pixels per band of SADFFM's wide part (its activations are 2 * 170 channels wide).
+FFN_CHUNK = 2048
+
 
 class SADFFM(nn.Module):
     """Spatially-aware dual-gated feed-forward: 1x1 up to 2*hidden, depthwise 3x3 (``SAL``), GELU-gate,
@@ -123,6 +163,29 @@ class SADFFM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.SAL(self.linear_in(x)).chunk(2, dim=1)
         return self.drop(self.DFFM(self.linear_out(F.gelu(gate) * value)))
+
+    def add_to_(self, y: Tensor, x: Tensor, size: tuple[int, int, int], w_in: Tensor, b_in: Tensor, scale: Tensor) -> None:
+        """Inference: ``y += scale * SADFFM(x)``, tokens ``[B*H*W, C]``; ``w_in``/``b_in`` replace
+        ``linear_in``'s weights (the block's BatchNorm folded in), as ``(gate half, value half)`` pairs.
+
+        The wide part (``linear_in`` -> ``SAL`` -> gate -> ``linear_out``) runs in bands of about
+        :data:`FFN_CHUNK` pixels, each with the row above and below it that ``SAL`` reads, so its
+        activations (5.3x the width of the features) stay small and in cache.
+        """
+        b, h, w = size
+        hidden = self.linear_out.in_channels
+        sal = self.SAL
+        w_out = self.linear_out.weight.view(-1, hidden)
+        w_sal = [sal.weight[:hidden], sal.weight[hidden:]]
+        b_sal = [None, None] if sal.bias is None else [sal.bias[:hidden], sal.bias[hidden:]]
+        out = torch.empty_like(x)
+        for rows, inner, start in onednn.row_bands(b, h, w, FFN_CHUNK, 1):  # with the rows SAL reads
+            band = x[rows]
+            height = band.shape[0] // w
+            gate, value = (onednn.image(onednn.linear(band, w_in[j], b_in[j]), 1, height, w) for j in (0, 1))
+            gated = onednn.tokens(onednn.depthwise_gated(gate, value, w_sal[0], b_sal[0], w_sal[1], b_sal[1], 1))
+            out[start : start + inner.stop - inner.start] = onednn.linear(gated[inner], w_out, self.linear_out.bias)
+        self.DFFM.add_to_(y, out, b, scale)
 
 
 class MOLRCM(nn.Module):
@@ -152,6 +215,24 @@ class MOLRCM(nn.Module):
         query = torch.cat([self.spatial_1(q1), q2, self.spatial_2(q3)], dim=1)
         return self.out(F.silu(self.fusion(query)) * value)
 
+    def add(self, y: Tensor, x: Tensor, size: tuple[int, int, int], weights) -> Tensor:
+        """Inference: ``y + MOLRCM(x)`` as a new tensor, tokens ``[B*H*W, C]``; ``weights`` are
+        ``(w_value, b_value, w_query, b_query, w_out, b_out)`` with the block's BatchNorm and layer
+        scale folded in."""
+        b, h, w = size
+        wv, bv, wq, bq, wo, bo = weights
+        c = x.shape[1]
+        c1, c2 = self.split_c1, self.split_c2
+        value = onednn.linear(x, wv, bv)
+        region = onednn.depthwise_conv(onednn.image(onednn.linear(x, wq, bq, "gelu"), b, h, w), self.region)
+        query = torch.empty_like(value)
+        pixels = query.view(b, h, w, c)
+        pixels[..., :c1].copy_(onednn.depthwise_conv(region[:, :c1], self.spatial_1).permute(0, 2, 3, 1))
+        pixels[..., c1 : c1 + c2].copy_(region[:, c1 : c1 + c2].permute(0, 2, 3, 1))
+        pixels[..., c1 + c2 :].copy_(onednn.depthwise_conv(region[:, c1 + c2 :], self.spatial_2).permute(0, 2, 3, 1))
+        fused = onednn.linear(query, self.fusion.weight.view(c, c), self.fusion.bias, "swish").mul_(value)
+        return onednn.linear_add(fused, y, wo, bo)
+
 
 class EIMNBlock(nn.Module):
     """``x + ls1 * MOLRCM(norm1(x))``, then ``x + ls2 * SADFFM(norm2(x))`` on ``[B, dim, H, W]``."""
@@ -179,6 +260,56 @@ class EIMNBlock(nn.Module):
         x = x + _drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)), p, training)
         x = x + _drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)), p, training)
         return x
+
+    def folds(self) -> bool:
+        """Whether the inference form applies: both norms are BatchNorm2d with running statistics."""
+        return all(
+            isinstance(n, nn.BatchNorm2d) and n.running_mean is not None and n.running_var is not None
+            for n in (self.norm1, self.norm2)
+        )
+
+    def forward_tokens(self, y: Tensor, size: tuple[int, int, int]) -> Tensor:
+        """Inference form of :meth:`forward` (eval, no autograd) on tokens ``[B*H*W, C]``; ``y`` is left
+        alone, the result is a new tensor. Each BatchNorm folds into the 1x1 convs that read it, each
+        layer scale into the last weights of its branch."""
+        attn, mlp, c = self.attn, self.mlp, y.shape[1]
+        bn1, bn2 = self.norm1, self.norm2
+
+        def fold_attn():
+            s, t = _bn_affine(bn1)
+            wv, wq = attn.proj_value[0].weight.view(c, c), attn.proj_query[0].weight.view(c, c)
+            ls = self.layer_scale_1
+            return ((wv * s).contiguous(), attn.proj_value[0].bias + wv @ t,
+                    (wq * s).contiguous(), attn.proj_query[0].bias + wq @ t,
+                    (attn.out.weight.view(c, c) * ls[:, None]).contiguous(), attn.out.bias * ls)
+
+        def fold_mlp():
+            s, t = _bn_affine(bn2)
+            w_in = mlp.linear_in.weight.view(-1, c)
+            bias = w_in @ t if mlp.linear_in.bias is None else mlp.linear_in.bias + w_in @ t
+            w = w_in * s
+            hidden = mlp.linear_out.in_channels
+            return (w[:hidden].contiguous(), w[hidden:].contiguous()), (bias[:hidden].contiguous(), bias[hidden:].contiguous())
+
+        attn_sources = [bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, attn.proj_value[0].weight,
+                        attn.proj_value[0].bias, attn.proj_query[0].weight, attn.proj_query[0].bias,
+                        attn.out.weight, attn.out.bias, self.layer_scale_1]
+        mlp_sources = [bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, mlp.linear_in.weight, mlp.linear_in.bias]
+        y = attn.add(y, y, size, derived(self, "attn", [t for t in attn_sources if t is not None], fold_attn))
+        w_in, b_in = derived(self, "mlp", [t for t in mlp_sources if t is not None], fold_mlp)
+        mlp.add_to_(y, y, size, w_in, b_in, self.layer_scale_2)
+        return y
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` with ``bn(x) = x * s + t`` per channel (eval mode, running statistics)."""
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight
+    t = -bn.running_mean * s
+    if bn.bias is not None:
+        t = t + bn.bias
+    return s, t
 
 
 @store_hyperparameters()
@@ -246,6 +377,8 @@ class EIMN(nn.Module):
             yield getattr(self, f"block{i}"), getattr(self, f"norm{i}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if inference_path(self) and onednn.available(x) and all(b.folds() for blocks, _ in self.stages() for b in blocks):
+            return self._infer(x)
         feat = self.head(x)
         y = feat
         for blocks, norm in self.stages():
@@ -253,6 +386,19 @@ class EIMN(nn.Module):
                 y = block(y)
             y = norm(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # LayerNorm over channels, channels-last
         return self.tail(feat + y)
+
+    def _infer(self, x: Tensor) -> Tensor:
+        """Inference form (eval, no autograd, float32 CPU): one channels-last token layout ``[B*H*W, C]``
+        from head to tail, the 1x1 convs on oneDNN with their activation or residual add fused,
+        BatchNorms and layer scales folded into neighbouring weights. Same numbers as :meth:`forward`."""
+        b, _, h, w = x.shape
+        feat = self.head(x.contiguous(memory_format=torch.channels_last))
+        y = onednn.tokens(feat)
+        for blocks, norm in self.stages():
+            for block in blocks:
+                y = block.forward_tokens(y, (b, h, w))
+            y = F.layer_norm(y, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return self.tail(feat + onednn.image(y, b, h, w))
 
 
 def EIMN_L(scale: int = 2, **overrides) -> EIMN:

@@ -9,6 +9,12 @@ every device. No padding is needed: every layer works on any size down to 1x1, a
 Layout: ``x - mean`` -> conv3 (``shallow_feature_extraction``) -> ``num_groups`` x LAMixerBlock
 (``num_blocks`` x [pre-norm LSAMixer, pre-norm DGFN], scaled residual) -> conv3, scaled residual ->
 conv3 + PixelShuffle (``upsample``) -> ``+ mean``.
+
+Inference form: without autograd, on float32 CPU tensors (no autocast), ``forward`` runs
+:meth:`LAMNet._infer`: channels-last tokens ``[B*H*W, C]`` through the body, 1x1 convs as oneDNN
+matmuls (:mod:`archs.onednn`), each norm's ``alpha``/``beta`` and each residual ``alpha`` folded into
+neighbouring weights (cached by :func:`archs.reparam.derived`), depthwise convs channels-last, DGFN in
+row bands; only the FSA op works on ``[B, C/2, H, W]`` maps. Same numbers to ~1e-6.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from spandrel import ImageModelDescriptor, StateDict
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
+from . import onednn
 from .errors import IncompatibleWeightsError
 from .fsa import CPU_BAND_ELEMENTS, KernelMap, fsa_spatial, normalize_kernel_map, tap_ranges
 from .registry import FlexSRArchitecture
+from .reparam import derived
 
 __all__ = [
     "LAMNet",
@@ -152,6 +160,10 @@ def check_kernel_map(value: Tensor, kernel_size: int, where: str = "kernel_map")
 # Layers
 
 
+#: Inference on the CPU: pixels per band of DGFN's wide part.
+FFN_CHUNK = 1024
+
+
 def _inference() -> bool:
     """No autograd graph is being built: intermediate tensors may be reused in place."""
     return not torch.is_grad_enabled()
@@ -241,6 +253,12 @@ class PreNormResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _scaled_residual(x, self.fn(self.norm(x)), self.alpha)
 
+    def forward_tokens(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        """Inference form on tokens ``[B*H*W, C]`` (a new tensor): the norm's ``alpha``/``beta`` and the
+        residual's ``alpha`` fold into the branch's first and last weights."""
+        normed = F.layer_norm(x, (x.shape[1],), None, None, self.norm.eps)
+        return self.fn.add_tokens(x, normed, size, self.norm, self.alpha)
+
 
 class DGFN(nn.Module):
     """Dual-gate feed-forward: ``project_out(cat[gelu(x1) * x1, gelu(x1) * x2])``, ``x1, x2`` from a 1x1 + dw3x3."""
@@ -260,6 +278,35 @@ class DGFN(nn.Module):
         gate = F.gelu(both[:, :1])  # one gate for both halves: cat[g*x1, g*x2] = cat[x1, x2] * g
         gated = both.mul_(gate) if _inference() else both * gate
         return self.project_out(gated.view(b, c, h, w))
+
+    def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
+        """``x + alpha * DGFN(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor;
+        in bands of about :data:`FFN_CHUNK` pixels (each with the rows its 3x3 conv reads), so the
+        2x-wide activations stay in cache."""
+        b, h, w = size
+        c = x.shape[1]
+        hidden2 = self.project_in.out_channels
+
+        def fold():
+            w_in = self.project_in.weight.view(hidden2, c)
+            b_in = w_in @ norm.beta.view(c)
+            w_out = self.project_out.weight.view(c, hidden2) * alpha.view(c, 1)
+            return ((w_in * norm.alpha.view(1, c)).contiguous(),
+                    b_in if self.project_in.bias is None else b_in + self.project_in.bias,
+                    w_out.contiguous(), None if self.project_out.bias is None else self.project_out.bias * alpha.view(c))
+
+        sources = [self.project_in.weight, self.project_in.bias, self.project_out.weight, self.project_out.bias,
+                   norm.alpha, norm.beta, alpha]
+        w_in, b_in, w_out, b_out = derived(self, "tokens", [t for t in sources if t is not None], fold)
+        half = hidden2 // 2
+        out = torch.empty_like(x)
+        for rows, inner, start in onednn.row_bands(b, h, w, FFN_CHUNK, 1):  # with the rows dwconv reads
+            band = onednn.linear(normed[rows], w_in, b_in)
+            band = onednn.tokens(onednn.depthwise_conv(onednn.image(band, 1, band.shape[0] // w, w), self.dwconv))[inner]
+            band.view(-1, 2, half).mul_(F.gelu(band[:, :half]).unsqueeze(1))
+            end = start + band.shape[0]
+            out[start:end] = onednn.linear_add(band, x[start:end], w_out, b_out)
+        return out
 
 
 class SpatialInteraction(nn.Module):
@@ -387,6 +434,52 @@ class LSAMixer(nn.Module):
         channel_map = self.channel_interaction(x_conv, attn).view(b, self.dim, h, w)
         return self.proj_out(torch.cat([spatial_map, channel_map], dim=1))
 
+    def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
+        """``x + alpha * LSAMixer(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor.
+
+        Every conv works on tokens (1x1 convs on oneDNN, depthwise convs channels-last); the FSA op works
+        on ``[B, C/2, H, W]`` maps (fastest there): the kernel-predicting 1x1 convs write maps straight
+        from tokens (:func:`onednn.linear_to_maps`), the horizontal pass's output is turned into tokens
+        once for ``v_kernel``, and the gated FSA output is written straight into ``proj_out``'s input.
+        """
+        b, h, w = size
+        hw, c, half = h * w, x.shape[1], self.dim
+        taps = self.taps()
+
+        def fold():
+            w_in = self.proj_in.weight.view(c, c)
+            b_in = self.proj_in.bias + w_in @ norm.beta.view(c)
+            w_in = w_in * norm.alpha.view(1, c)
+            w_out = self.proj_out.weight.view(c, c) * alpha.view(c, 1)
+            return (w_in[:half].contiguous(), b_in[:half].contiguous(), w_in[half:].contiguous(),
+                    b_in[half:].contiguous(), w_out.contiguous(), self.proj_out.bias * alpha.view(c))
+
+        sources = [self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, self.proj_out.bias,
+                   norm.alpha, norm.beta, alpha]
+        w1, b1, w2, b2, w_out, b_out = derived(self, "tokens", sources, fold)
+        x1 = onednn.linear(normed, w1, b1)
+        branch = self.channel_branch
+        x_conv = onednn.linear(onednn.linear(x1, branch[0].weight.flatten(1), branch[0].bias, "relu"),
+                               branch[2].weight.flatten(1), branch[2].bias)  # [N, C/2]
+        x2 = onednn.linear(normed, w2, b2)  # tokens [N, C/2]
+        patch = onednn.tokens(onednn.depthwise_conv(onednn.image(x2, b, h, w), self.h_kernel[0]))
+        conv = self.h_kernel[1]
+        kernel_h = _tanh(onednn.linear_to_maps(patch, conv.weight.flatten(1), conv.bias, b)).view(b, -1, h, w)
+        x2 = x2.view(b, hw, half).transpose(1, 2).reshape(b, half, h, w)  # maps, for the FSA op
+        attn_h = fsa_spatial(x2, kernel_h, taps, self.groups, "horizontal")
+        patch = attn_h.permute(0, 2, 3, 1).contiguous()  # tokens, for the channels-last depthwise conv
+        patch = onednn.tokens(onednn.depthwise_conv(onednn.image(patch.view(-1, half), b, h, w), self.v_kernel[0]))
+        conv = self.v_kernel[1]
+        kernel_v = _tanh(onednn.linear_to_maps(patch, conv.weight.flatten(1), conv.bias, b)).view(b, -1, h, w)
+        attn = fsa_spatial(attn_h, kernel_v, taps, self.groups, "vertical").view(b, half, hw)
+        x_conv = x_conv.view(b, hw, half)
+        spatial_gate = torch.sigmoid(x_conv @ (attn.mean(-1) / half).unsqueeze(-1))  # [B, HW, 1]
+        channel_gate = torch.sigmoid(attn @ (x_conv.mean(-1) / hw).unsqueeze(-1))  # [B, C/2, 1]
+        mixed = torch.empty_like(x).view(b, hw, c)  # the concatenation, both gates applied, as tokens
+        torch.mul(x_conv, spatial_gate, out=mixed[..., :half])
+        torch.mul(attn.transpose(1, 2), channel_gate.transpose(1, 2), out=mixed[..., half:])
+        return onednn.linear_add(mixed.view(-1, c), x, w_out, b_out)
+
 
 class LAMixerBlock(nn.Module):
     """``num_blocks`` x [pre-norm LSAMixer, pre-norm DGFN], then ``x + alpha * mixers(x)``."""
@@ -402,6 +495,12 @@ class LAMixerBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _scaled_residual(x, self.mixers(x), self.alpha)
+
+    def forward_tokens(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        y = x
+        for layer in self.mixers:
+            y = layer.forward_tokens(y, size)
+        return torch.addcmul(x, y, self.alpha.view(-1), out=y)
 
 
 class UpsampleOneStep(nn.Sequential):
@@ -479,11 +578,29 @@ class LAMNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and onednn.available(x):
+            return self._infer(x)
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.shallow_feature_extraction(x)
         x = _scaled_residual(x, self.deep_feature_extraction(x), self.alpha)
         x = self.upsample(x)
+        return x / self.img_range + mean
+
+    def _infer(self, x: Tensor) -> Tensor:
+        """Inference form (no autograd, float32 CPU): channels-last tokens ``[B*H*W, C]`` through the
+        body, 1x1 convs on oneDNN, norm and residual scales folded into neighbouring weights. Same
+        numbers as the reference graph to float rounding."""
+        b, _, h, w = x.shape
+        mean = self.mean.to(x.dtype)
+        x = ((x - mean) * self.img_range).contiguous(memory_format=torch.channels_last)
+        feat = self.shallow_feature_extraction(x)
+        y = onednn.tokens(feat)
+        body = self.deep_feature_extraction
+        for group in body[:-1]:
+            y = group.forward_tokens(y, (b, h, w))
+        deep = body[-1](onednn.image(y, b, h, w))
+        x = self.upsample(torch.addcmul(feat, deep, self.alpha))
         return x / self.img_range + mean
 
 

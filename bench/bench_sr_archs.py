@@ -1,10 +1,10 @@
-"""LAMNet, EIMN and the DaViT-style transformer against SwinIR-light, x4, on one input in one run.
+"""LAMNet, EIMN and the DaViT-style transformer against SwinIR-light, on one input in one run.
 
-    python bench/bench_sr_archs.py [--size 64] [--repeats 3] [--threads 1] [--macs-size 256]
+    python bench/bench_sr_archs.py [--scale 4] [--size 64] [--repeats 3] [--threads 1] [--macs-size 256]
 
-Random weights, published configs: LAMNet base x4, EIMN_L x4, the transformer SR(4, 8, 256, 4, 16),
-and SwinIR-light x4 (spandrel's SwinIR: embed 60, depths/heads 6x4, window 8, mlp 2,
-pixelshuffledirect). Params; MACs at ``--macs-size`` (FlopCounterMode FLOPs / 2); the models run
+Random weights, published configs at ``--scale`` (2 or 4): LAMNet base, EIMN_L, EIMN_A, the
+transformer SR(scale, 8, 256, 4, 16), and SwinIR-light (spandrel's SwinIR: embed 60, depths/heads
+6x4, window 8, mlp 2, pixelshuffledirect). Params; MACs at ``--macs-size`` (FlopCounterMode FLOPs / 2); the models run
 interleaved (A, B, C, D, A, ...) on a ``--size`` square input and each one's median process CPU time
 is reported (see :mod:`bench.common`), with GMAC/s as a share of a plain 3x3 conv timed in the same run;
 the speed ratio to SwinIR-light is taken from the CPU times.
@@ -34,30 +34,32 @@ from bench.common import (  # noqa: E402
 )
 
 
-def swinir_light_x4() -> torch.nn.Module:
+def swinir_light(scale: int = 4) -> torch.nn.Module:
     from spandrel.architectures.SwinIR import SwinIR
 
     return SwinIR(
-        upscale=4, img_size=64, window_size=8, img_range=1.0, depths=[6, 6, 6, 6], embed_dim=60,
+        upscale=scale, img_size=64, window_size=8, img_range=1.0, depths=[6, 6, 6, 6], embed_dim=60,
         num_heads=[6, 6, 6, 6], mlp_ratio=2, upsampler="pixelshuffledirect", resi_connection="1conv",
     )
 
 
-def models() -> dict[str, torch.nn.Module]:
-    from archs.eimn import EIMN_L
+def models(scale: int = 4) -> dict[str, torch.nn.Module]:
+    from archs.eimn import EIMN_A, EIMN_L
     from archs.lamnet import LAMNet_base
     from archs.transformer_sr import PUBLISHED, SR
 
     return {
-        "LAMNet base x4": LAMNet_base(scale=4),
-        "EIMN_L x4": EIMN_L(scale=4),
-        "TransformerSR b8 d256 w4 h16 x4": SR(**PUBLISHED),
-        "SwinIR-light x4 (spandrel)": swinir_light_x4(),
+        f"LAMNet base x{scale}": LAMNet_base(scale=scale),
+        f"EIMN_L x{scale}": EIMN_L(scale=scale),
+        f"EIMN_A x{scale}": EIMN_A(scale=scale),
+        f"TransformerSR b8 d256 w4 h16 x{scale}": SR(**{**PUBLISHED, "factor": scale}),
+        f"SwinIR-light x{scale} (spandrel)": swinir_light(scale),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, default=4, choices=(2, 4), help="upscaling factor (default 4)")
     parser.add_argument("--size", type=int, default=64, help="latency input side in pixels (default 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
@@ -67,16 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.rand(1, 3, args.size, args.size)
-    print(f"# SR architectures x4; {machine_note()}")
+    print(f"# SR architectures x{args.scale}; {machine_note()}")
     print(f"# MACs at {args.macs_size}x{args.macs_size}; CPU time on {args.size}x{args.size}: interleaved runs, "
           f"median of {args.repeats} after {args.warmup} warm-up round\n")
-    nets = {name: m.eval() for name, m in models().items()}
+    nets = {name: m.eval() for name, m in models(args.scale).items()}
     candidates = {name: (lambda m=m: m(x)) for name, m in nets.items()}
     conv, conv_macs = conv3x3_limit(args.size, args.size)
     candidates["conv3x3 (limit)"] = conv
     times = interleaved(candidates, repeats=args.repeats, warmup=args.warmup)
     limit = conv_macs / times["conv3x3 (limit)"]["cpu"]
-    ref = times["SwinIR-light x4 (spandrel)"]["cpu"]
+    ref = times[f"SwinIR-light x{args.scale} (spandrel)"]["cpu"]
     rows = []
     for name, m in nets.items():
         t = times[name]
