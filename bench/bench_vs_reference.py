@@ -8,7 +8,7 @@ checkout of each repository under ``DIR`` works). LMLT's only foreign import,
 ``basicsr.utils.registry.ARCH_REGISTRY``, is satisfied by a stub whose ``register()`` returns the class.
 
 For each family, scale and LR size, both models get the same random weights (FlexSR's model is built,
-every parameter perturbed, and its state dict loaded strictly into the reference), their outputs on
+its norm weights and biases perturbed, and its state dict loaded strictly into the reference), their outputs on
 one input are compared (max abs difference; must be <= 1e-4), and then they run interleaved
 (reference, FlexSR, reference, ...) on one torch thread in fp32 under ``torch.inference_mode()``; the
 ratio is reference CPU time / FlexSR CPU time (medians of process CPU time), printed with the load
@@ -67,10 +67,12 @@ def reference_davit(ref_dir: Path) -> types.ModuleType:
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norm weights and biases moved off their initial values (by 0.1·N(0, 1)); weights keep their init."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model.eval()
 
 
