@@ -25,7 +25,7 @@ from spandrel import ImageModelDescriptor
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
-from .blocks import pad_to_multiple, window_partition, window_reverse
+from .blocks import fast_linear, pad_to_multiple, window_partition, window_reverse
 from .errors import IncompatibleWeightsError
 from .reparam import inference_path
 from .registry import FlexSRArchitecture
@@ -101,12 +101,12 @@ class WindowAttention(nn.Module):
         ws = self.window_size
         nh, nw = h // ws, w // ws
         windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(-1, ws * ws, c)
-        q, k, v = F.linear(windows, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
+        q, k, v = fast_linear(windows, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         lepe = F.conv2d(v.unflatten(1, (ws, ws)).permute(0, 3, 1, 2), self.get_v.weight, self.get_v.bias,
                         padding=1, groups=c)  # [n, c, ws, ws], zero padding at each window's edges
         out += lepe.flatten(2).transpose(1, 2)
-        out = F.linear(out, self.proj.weight, self.proj.bias)
+        out = fast_linear(out, self.proj.weight, self.proj.bias)
         return out.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, h, w, c)
 
 
@@ -168,7 +168,7 @@ class LHSB(nn.Module):
             feat = pooled[i].contiguous() if s is None else _add_upsampled2(pooled[i], s)
             s = self.mfr[i].forward_tokens(feat)
             j = N_LEVELS - 1 - i  # the concatenation is coarsest first
-            part = F.linear(s, weight[:, j * c : (j + 1) * c], self.aggr.bias if i == 0 else None)
+            part = fast_linear(s, weight[:, j * c : (j + 1) * c], self.aggr.bias if i == 0 else None)
             acc = part if acc is None else _add_upsampled2_(part, acc)
         return torch.ops.aten.gelu_(acc).mul_(x)
 
@@ -218,9 +218,7 @@ class AttBlock(nn.Module):
         conv3, _, conv1 = self.ccm.ccm
         hidden = F.conv2d(n.permute(0, 3, 1, 2), conv3.weight, conv3.bias, padding=1).permute(0, 2, 3, 1)
         hidden = torch.ops.aten.gelu_(hidden)
-        flat = x.view(-1, dim)
-        flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), conv1.weight.view(dim, -1).t())
-        flat += conv1.bias
+        x += fast_linear(hidden, conv1.weight.view(dim, -1), conv1.bias)
 
 
 @store_hyperparameters()

@@ -46,7 +46,7 @@ from spandrel import ImageModelDescriptor, StateDict
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
-from .blocks import pad_to_multiple, window_partition, window_reverse
+from .blocks import fast_linear, pad_to_multiple, window_partition, window_reverse
 from .errors import IncompatibleWeightsError
 from .reparam import derived, inference_path
 from .registry import FlexSRArchitecture, int_hints_from_filename
@@ -171,8 +171,7 @@ class AttentionBlock(nn.Module):
         t += self._channel_attention(n) if self.transposed else self._window_attention(n)
         n = F.layer_norm(t, (dim,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
         first, _, second = self.mlp
-        hidden = torch.ops.aten.gelu_(F.linear(n, first.weight, first.bias))
-        t += F.linear(hidden, second.weight, second.bias)
+        t += fast_linear(fast_linear(n, first.weight, first.bias, gelu=True), second.weight, second.bias)
 
     def _window_attention(self, n: Tensor) -> Tensor:
         """Spatial attention of normed window tokens ``[B, L, dim]``: one q|k|v GEMM whose q and k rows carry
@@ -187,11 +186,11 @@ class AttentionBlock(nn.Module):
             return torch.cat([wq / hd, wk / hd, wv]), torch.cat([bq / hd, bk / hd, bv])
 
         weight, bias = derived(self, "qkv", [wq, bq, wk, bk, wv, bv], fold)
-        qkv = F.linear(n, weight, bias).view(-1, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous()
+        qkv = fast_linear(n, weight, bias).view(-1, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous()
         q, k, v = qkv.unbind(0)  # each [B*nW, heads, tokens, hd]
         out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(-1), v)
         out = out.transpose(1, 2).reshape(b, length, dim)
-        return F.linear(out, wo, bo)
+        return fast_linear(out, wo, bo)
 
     def _channel_attention(self, n: Tensor) -> Tensor:
         """Channel attention of normed tokens ``[B, L, dim]``, computed from ``n``'s Gram matrix.
@@ -206,7 +205,7 @@ class AttentionBlock(nn.Module):
         heads = self.window_attention.num_heads
         hd = dim // heads
         wq, bq, wk, bk, wv, bv, wo, bo = self.window_attention.projections()
-        gram = torch.matmul(n.transpose(1, 2), n)  # [B, dim, dim]
+        gram = torch.stack([fast_linear(item.t(), item.t()) for item in n])  # [B, dim, dim] = nᵀn
         total = n.sum(1)  # [B, dim]
         wk_heads = wk.view(heads, hd, dim)
         scores = torch.matmul(torch.matmul(wq, gram).view(b, heads, hd, dim), wk_heads.transpose(1, 2))
@@ -217,7 +216,9 @@ class AttentionBlock(nn.Module):
         attn = scores.mul_(1.0 / (length * length)).softmax(-1)  # [B, heads, hd(q), hd(v)]
         # mix[h·hd + j, o] = Σ_i attn[h, i, j] · Wout[o, h·hd + i]
         mix = torch.matmul(attn.transpose(-2, -1), wo.view(dim, heads, hd).permute(1, 2, 0)).reshape(b, dim, dim)
-        return torch.baddbmm((torch.matmul(bv, mix) + bo).unsqueeze(1), n, torch.matmul(wv.t(), mix))
+        weight = torch.matmul(mix.transpose(1, 2), wv)  # [B, dim_out, dim_in] = Eᵀ
+        bias = torch.matmul(bv, mix) + bo
+        return torch.stack([fast_linear(n[i], weight[i], bias[i]) for i in range(b)])
 
 
 def _block_pair(dim: int, window_size: int, num_heads: int, fused_qkv: bool = False) -> nn.Sequential:
