@@ -10,6 +10,11 @@ matching. Two things differ from the reference, both without changing its number
   the crop of the model's own output on the padded input. Inputs down to 1x1 work.
 * The window size is a parameter (the reference hard-codes 8); the padding unit follows it.
 
+In eval mode without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) the network runs its
+inference form: one channels-last buffer updated in place by every block, each level pooled from the
+one above, the ``aggr`` 1x1 conv applied per level at that level's resolution, oneDNN matmuls
+(:func:`archs.blocks.fast_linear`). Same numbers to float rounding (~1e-6); training is unchanged.
+
 Presets (8 blocks, ``ffn_scale`` 2): :func:`LMLT_tiny` (dim 36), :func:`LMLT_base` (60),
 :func:`LMLT_large` (84).
 """

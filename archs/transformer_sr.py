@@ -21,6 +21,13 @@ Window size and number of heads leave no trace in the weights: loading assumes t
 values (4 and 16) unless told otherwise, by keyword or by a file name carrying ``w<N>_h<M>``
 (``transformerSR_b8_d256_w4_h16.pt``, see :func:`hints_from_filename`).
 
+Inference form (eval without autograd): the features stay window-ordered tokens ``[B, L, dim]`` from the
+head conv to the tail conv (the channel block does not care about token order), every block updates
+them in place, the spatial block uses one q|k|v GEMM with the ``1/hd`` factors folded in, the channel
+block works from the Gram matrix ``nᵀn`` (see ``AttentionBlock._channel_attention``), and the matmuls
+run on oneDNN (:func:`archs.blocks.fast_linear`). Same numbers to float rounding (~1e-5 relative);
+training and the reference form are unchanged.
+
 Padding (the reference has none and needs H, W to be multiples of the window): the input is
 reflect-padded on the bottom/right to a multiple of ``window_size`` once, the whole network runs
 on the padded image, and the output is cropped back. So every channel block sees the same ``L``
