@@ -10,6 +10,11 @@ matching. Two things differ from the reference, both without changing its number
   the crop of the model's own output on the padded input. Inputs down to 1x1 work.
 * The window size is a parameter (the reference hard-codes 8); the padding unit follows it.
 
+In eval mode without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) the network runs its
+inference form: one channels-last buffer updated in place by every block, each level pooled from the
+one above, the ``aggr`` 1x1 conv applied per level at that level's resolution, oneDNN matmuls
+(:func:`archs.blocks.fast_linear`). Same numbers to float rounding (~1e-6); training is unchanged.
+
 Presets (8 blocks, ``ffn_scale`` 2): :func:`LMLT_tiny` (dim 36), :func:`LMLT_base` (60),
 :func:`LMLT_large` (84).
 """
@@ -25,8 +30,9 @@ from spandrel import ImageModelDescriptor
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
-from .blocks import pad_to_multiple, window_partition, window_reverse
+from .blocks import fast_linear, pad_to_multiple, window_partition, window_reverse
 from .errors import IncompatibleWeightsError
+from .reparam import inference_path
 from .registry import FlexSRArchitecture
 
 #: Number of resolution levels in each LHSB (fixed in the reference): the channels are split in this many chunks.
@@ -94,6 +100,20 @@ class WindowAttention(nn.Module):
         out = self.proj_drop(self.proj(out))
         return window_reverse(out, ws, h, w)
 
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Inference form on a channels-last map ``[B, H, W, dim]`` (contiguous) -> the same layout."""
+        b, h, w, c = x.shape
+        ws = self.window_size
+        nh, nw = h // ws, w // ws
+        windows = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(-1, ws * ws, c)
+        q, k, v = fast_linear(windows, self.qkv.weight, self.qkv.bias).split(c, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        lepe = F.conv2d(v.unflatten(1, (ws, ws)).permute(0, 3, 1, 2), self.get_v.weight, self.get_v.bias,
+                        padding=1, groups=c)  # [n, c, ws, ws], zero padding at each window's edges
+        out += lepe.flatten(2).transpose(1, 2)
+        out = fast_linear(out, self.proj.weight, self.proj.bias)
+        return out.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, h, w, c)
+
 
 class LHSB(nn.Module):
     """Low-to-high hierarchical self-attention block on ``[B, dim, H, W]``.
@@ -129,6 +149,54 @@ class LHSB(nn.Module):
             outs.append(F.interpolate(s, size=(h, w), mode="nearest") if i > 0 else s)
         return self.act(self.aggr(torch.cat(outs, dim=1))) * x
 
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Inference form on a channels-last map ``[B, H, W, dim]`` (contiguous): ``GELU(aggr(·)) * x`` as a new
+        tensor of that layout.
+
+        The same function, cheaper: each level is pooled from the one above (a max of maxes), the
+        nearest-upsampled additions are broadcasts, and ``aggr`` (a 1x1 conv on the concatenation of the
+        upsampled levels) is applied per level at that level's own resolution, ``aggr(cat(up(s_i))) =
+        Σ up(W_i s_i) + b``, the coarser sums broadcast-added into the finer ones.
+        """
+        b, h, w, dim = x.shape
+        c = dim // N_LEVELS
+        pooled = [x[..., :c]]
+        rest = x[..., c:]
+        for _ in range(1, N_LEVELS):
+            rest = _max_pool2_tokens(rest)
+            pooled.append(rest[..., :c])
+            rest = rest[..., c:]
+        weight = self.aggr.weight.view(dim, dim)
+        acc = None
+        s = None
+        for i in reversed(range(N_LEVELS)):
+            feat = pooled[i].contiguous() if s is None else _add_upsampled2(pooled[i], s)
+            s = self.mfr[i].forward_tokens(feat)
+            j = N_LEVELS - 1 - i  # the concatenation is coarsest first
+            part = fast_linear(s, weight[:, j * c : (j + 1) * c], self.aggr.bias if i == 0 else None)
+            acc = part if acc is None else _add_upsampled2_(part, acc)
+        return torch.ops.aten.gelu_(acc).mul_(x)
+
+
+def _max_pool2_tokens(x: Tensor) -> Tensor:
+    """2x2 max pooling of a channels-last map ``[B, H, W, C]`` (any strides) -> contiguous ``[B, H/2, W/2, C]``."""
+    return torch.maximum(torch.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+                         torch.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+
+
+def _add_upsampled2(fine: Tensor, coarse: Tensor) -> Tensor:
+    """``fine + nearest_x2(coarse)`` on channels-last maps, as a new contiguous ``[B, H, W, C]``."""
+    b, h, w, c = fine.shape
+    out = torch.add(fine.unflatten(1, (h // 2, 2)).unflatten(3, (w // 2, 2)), coarse[:, :, None, :, None])
+    return out.view(b, h, w, c)
+
+
+def _add_upsampled2_(fine: Tensor, coarse: Tensor) -> Tensor:
+    """``fine += nearest_x2(coarse)`` in place on contiguous channels-last maps; returns ``fine``."""
+    b, h, w, c = fine.shape
+    fine.view(b, h // 2, 2, w // 2, 2, c).add_(coarse[:, :, None, :, None])
+    return fine
+
 
 class AttBlock(nn.Module):
     """``x = lhsb(norm1(x)) + x; x = ccm(norm2(x)) + x`` on ``[B, dim, H, W]``."""
@@ -145,6 +213,17 @@ class AttBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.lhsb(self.norm1(x)) + x
         return self.ccm(self.norm2(x)) + x
+
+    def forward_tokens_(self, x: Tensor) -> None:
+        """Inference form, in place on a contiguous channels-last map ``[B, H, W, dim]``."""
+        dim = x.shape[-1]
+        n = F.layer_norm(x, (dim,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        x += self.lhsb.forward_tokens(n)
+        n = F.layer_norm(x, (dim,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        conv3, _, conv1 = self.ccm.ccm
+        hidden = F.conv2d(n.permute(0, 3, 1, 2), conv3.weight, conv3.bias, padding=1).permute(0, 2, 3, 1)
+        hidden = torch.ops.aten.gelu_(hidden)
+        x += fast_linear(hidden, conv1.weight.view(dim, -1), conv1.bias)
 
 
 @store_hyperparameters()
@@ -189,10 +268,24 @@ class LMLT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.pad_multiple)
-        x = self.to_feat(x)
-        x = self.feats(x) + x
+        if inference_path(self):
+            x = self._features_inference(x)
+        else:
+            x = self.to_feat(x)
+            x = self.feats(x) + x
         x = self.to_img(x)
         return x[..., : h * self.scale, : w * self.scale]
+
+    def _features_inference(self, x: Tensor) -> Tensor:
+        """``feats(to_feat(x)) + to_feat(x)`` in the inference form: one channels-last layout throughout,
+        every block updating one buffer in place. Returns a channels-last ``[B, dim, H, W]``."""
+        feat = self.to_feat(x.contiguous(memory_format=torch.channels_last))
+        tokens = feat.permute(0, 2, 3, 1).contiguous()  # [B, H, W, dim]
+        body = tokens.clone()
+        for block in self.feats:
+            block.forward_tokens_(body)
+        body += tokens
+        return body.permute(0, 3, 1, 2)
 
 
 #: The published configurations (all 8 blocks, ``ffn_scale`` 2); the scale is chosen per checkpoint.

@@ -21,6 +21,13 @@ Window size and number of heads leave no trace in the weights: loading assumes t
 values (4 and 16) unless told otherwise, by keyword or by a file name carrying ``w<N>_h<M>``
 (``transformerSR_b8_d256_w4_h16.pt``, see :func:`hints_from_filename`).
 
+Inference form (eval without autograd): the features stay window-ordered tokens ``[B, L, dim]`` from the
+head conv to the tail conv (the channel block does not care about token order), every block updates
+them in place, the spatial block uses one q|k|v GEMM with the ``1/hd`` factors folded in, the channel
+block works from the Gram matrix ``nᵀn`` (see ``AttentionBlock._channel_attention``), and the matmuls
+run on oneDNN (:func:`archs.blocks.fast_linear`). Same numbers to float rounding (~1e-5 relative);
+training and the reference form are unchanged.
+
 Padding (the reference has none and needs H, W to be multiples of the window): the input is
 reflect-padded on the bottom/right to a multiple of ``window_size`` once, the whole network runs
 on the padded image, and the output is cropped back. So every channel block sees the same ``L``
@@ -40,13 +47,15 @@ from pathlib import PurePath
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from spandrel import ImageModelDescriptor, StateDict
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
-from .blocks import pad_to_multiple, window_partition, window_reverse
+from .blocks import fast_linear, pad_to_multiple, window_partition, window_reverse
 from .errors import IncompatibleWeightsError
+from .reparam import derived, inference_path
 from .registry import FlexSRArchitecture, int_hints_from_filename
 
 log = logging.getLogger("flexsr")
@@ -100,6 +109,11 @@ class MultiHeadAttention(nn.Module):
         out = attend(self.project_q(x), self.project_k(x), self.project_v(x), self.num_heads, self.transposed)
         return self.project_out(out)
 
+    def projections(self) -> tuple[Tensor, ...]:
+        """``(Wq, bq, Wk, bk, Wv, bv, Wout, bout)``."""
+        return (self.project_q.weight, self.project_q.bias, self.project_k.weight, self.project_k.bias,
+                self.project_v.weight, self.project_v.bias, self.project_out.weight, self.project_out.bias)
+
 
 class MultiHeadSelfAttention(nn.Module):
     """The earlier form: one fused ``qkv`` Linear(dim, 3*dim) laid out q|k|v, then ``out``."""
@@ -115,6 +129,12 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return self.out(attend(q, k, v, self.num_heads, self.transposed))
+
+    def projections(self) -> tuple[Tensor, ...]:
+        """``(Wq, bq, Wk, bk, Wv, bv, Wout, bout)`` (views of the fused ``qkv``)."""
+        wq, wk, wv = self.qkv.weight.chunk(3, dim=0)
+        bq, bk, bv = self.qkv.bias.chunk(3, dim=0)
+        return wq, bq, wk, bk, wv, bv, self.out.weight, self.out.bias
 
 
 class AttentionBlock(nn.Module):
@@ -149,6 +169,64 @@ class AttentionBlock(nn.Module):
             return rearrange(t, "b (h w) c -> b c h w", h=h, w=w)
         return window_reverse(t, self.window_size, h, w)
 
+    def forward_tokens_(self, t: Tensor) -> None:
+        """Inference form, in place on tokens ``[B, L, dim]`` laid out window by window (each run of
+        ``window_size²`` tokens is one window, row-major inside). The channel block is indifferent to the
+        order of the tokens, so one layout serves both kinds of block."""
+        dim = t.shape[-1]
+        n = F.layer_norm(t, (dim,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        t += self._channel_attention(n) if self.transposed else self._window_attention(n)
+        n = F.layer_norm(t, (dim,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        first, _, second = self.mlp
+        t += fast_linear(fast_linear(n, first.weight, first.bias, gelu=True), second.weight, second.bias)
+
+    def _window_attention(self, n: Tensor) -> Tensor:
+        """Spatial attention of normed window tokens ``[B, L, dim]``: one q|k|v GEMM whose q and k rows carry
+        the reference's ``1 / head_dim`` factors, batched matmuls over (window, head)."""
+        b, length, dim = n.shape
+        heads = self.window_attention.num_heads
+        hd = dim // heads
+        tokens = self.window_size**2
+        wq, bq, wk, bk, wv, bv, wo, bo = self.window_attention.projections()
+
+        def fold() -> tuple[Tensor, Tensor]:
+            return torch.cat([wq / hd, wk / hd, wv]), torch.cat([bq / hd, bk / hd, bv])
+
+        weight, bias = derived(self, "qkv", [wq, bq, wk, bk, wv, bv], fold)
+        qkv = fast_linear(n, weight, bias).view(-1, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4).contiguous()
+        q, k, v = qkv.unbind(0)  # each [B*nW, heads, tokens, hd]
+        out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(-1), v)
+        out = out.transpose(1, 2).reshape(b, length, dim)
+        return fast_linear(out, wo, bo)
+
+    def _channel_attention(self, n: Tensor) -> Tensor:
+        """Channel attention of normed tokens ``[B, L, dim]``, computed from ``n``'s Gram matrix.
+
+        Per head the scores are ``qᵀk / L²`` with ``q = n Wqᵀ + bq``, ``k = n Wkᵀ + bk``, so
+        ``qᵀk = Wq (nᵀn) Wkᵀ + (Wq Σn) bkᵀ + bq (Wk Σn)ᵀ + L bq bkᵀ``: one ``[dim, dim]`` Gram GEMM instead
+        of two projections. The attention ``A`` (block diagonal over heads) is then linear in ``v``, so
+        ``project_out(A v) = n E + c`` with ``E = Wvᵀ Aᵀ Woutᵀ`` and ``c = bv Aᵀ Woutᵀ + bout``, one more GEMM
+        instead of a projection, the attention product and another projection.
+        """
+        b, length, dim = n.shape
+        heads = self.window_attention.num_heads
+        hd = dim // heads
+        wq, bq, wk, bk, wv, bv, wo, bo = self.window_attention.projections()
+        gram = torch.stack([fast_linear(item.t(), item.t()) for item in n])  # [B, dim, dim] = nᵀn
+        total = n.sum(1)  # [B, dim]
+        wk_heads = wk.view(heads, hd, dim)
+        scores = torch.matmul(torch.matmul(wq, gram).view(b, heads, hd, dim), wk_heads.transpose(1, 2))
+        q_sum = F.linear(total, wq).view(b, heads, hd, 1)  # Σ_l (q_l - bq)
+        k_sum = F.linear(total, wk).view(b, heads, 1, hd)
+        bq_h, bk_h = bq.view(heads, hd, 1), bk.view(heads, 1, hd)
+        scores += q_sum * bk_h + bq_h * (k_sum + length * bk_h)
+        attn = scores.mul_(1.0 / (length * length)).softmax(-1)  # [B, heads, hd(q), hd(v)]
+        # mix[h·hd + j, o] = Σ_i attn[h, i, j] · Wout[o, h·hd + i]
+        mix = torch.matmul(attn.transpose(-2, -1), wo.view(dim, heads, hd).permute(1, 2, 0)).reshape(b, dim, dim)
+        weight = torch.matmul(mix.transpose(1, 2), wv)  # [B, dim_out, dim_in] = Eᵀ
+        bias = torch.matmul(bv, mix) + bo
+        return torch.stack([fast_linear(n[i], weight[i], bias[i]) for i in range(b)])
+
 
 def _block_pair(dim: int, window_size: int, num_heads: int, fused_qkv: bool = False) -> nn.Sequential:
     return nn.Sequential(
@@ -170,6 +248,32 @@ def _padded_forward(body, x: Tensor, window_size: int, factor: int) -> Tensor:
     x = pad_to_multiple(x, window_size, mode="reflect")
     out = body(x - 0.5) + 0.5
     return out[..., : h * factor, : w * factor]
+
+
+def _tokens_body(
+    x: Tensor, head: nn.Conv2d, pairs: Sequence[nn.Module], tail: nn.Module, window_size: int,
+    residual_groups: Sequence[int] = (),
+) -> Tensor:
+    """The network body in the inference form: ``tail(blocks(head(x)))`` with the features kept as window-
+    ordered tokens ``[B, L, dim]`` from the head conv to the tail conv, every block updating them in place."""
+    b, _, h, w = x.shape
+    ws = window_size
+    nh, nw = h // ws, w // ws
+    feat = head(x.contiguous(memory_format=torch.channels_last))
+    dim = feat.shape[1]
+    tokens = feat.permute(0, 2, 3, 1).reshape(b, nh, ws, nw, ws, dim).transpose(2, 3).reshape(b, h * w, dim)
+    saved: dict[int, Tensor] = {}
+    for i, pair in enumerate(pairs):
+        for step in residual_groups:
+            if i % step == 0:
+                saved[step] = tokens.clone()
+        for block in pair:
+            block.forward_tokens_(tokens)
+        for step in residual_groups:
+            if i % step == step - 1:
+                tokens += saved[step]
+    image = tokens.view(b, nh, nw, ws, ws, dim).transpose(2, 3).reshape(b, h, w, dim).permute(0, 3, 1, 2)
+    return tail(image)
 
 
 @store_hyperparameters()
@@ -206,7 +310,13 @@ class SR(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if inference_path(self):
+            return _padded_forward(self._inference_body, x, self.window_size, self.factor)
         return _padded_forward(self.layers, x, self.window_size, self.factor)
+
+    def _inference_body(self, x: Tensor) -> Tensor:
+        layers = list(self.layers)
+        return _tokens_body(x, layers[0], layers[1:-2], nn.Sequential(*layers[-2:]), self.window_size)
 
 
 @store_hyperparameters()
@@ -263,7 +373,11 @@ class TransformerSR(nn.Module):
         return self.out_conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _padded_forward(self._body, x, self.window_size, self.factor)
+        body = self._inference_body if inference_path(self) else self._body
+        return _padded_forward(body, x, self.window_size, self.factor)
+
+    def _inference_body(self, x: Tensor) -> Tensor:
+        return _tokens_body(x, self.in_conv, self.blocks, self.out_conv, self.window_size, self.residual_groups)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def test_window_multiples_are_not_padded(size):
     model = randomized(tiny_sr())
     x = torch.rand(1, 3, *size)
     no_pad = run(model.layers, x - 0.5) + 0.5  # the reference's forward, which has no padding
-    assert torch.equal(run(model, x), no_pad)
+    # the inference form (window tokens throughout, Gram-matrix channel attention) equals it to float rounding
+    assert (run(model, x) - no_pad).abs().max() <= 1e-5
 
 
 def test_other_sizes_run_on_the_reflect_padded_image():
