@@ -15,6 +15,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .reparam import ReparamModule, fusable_modules, fuse
+from .compile import COMPILE_FAMILIES, CompiledModel, compile_pays, compiled
 from .registry import (
     REGISTRY,
     FlexSRArchitecture,
@@ -61,6 +62,10 @@ __all__ = [
     "ReparamModule",
     "fusable_modules",
     "fuse",
+    "COMPILE_FAMILIES",
+    "CompiledModel",
+    "compile_pays",
+    "compiled",
     "FlexNet",
     "FlexNetArch",
     "MetaFlexNet",
