@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, args.size, args.repeats, args.threads, not args.no_steady)), flush=True)
         return
 
+    import torch
+
     from bench.common import load_average, machine_note, print_table
 
+    torch.set_num_threads(args.threads)  # as the children run (for the header's note)
     families = [f.strip() for f in args.only.split(",") if f.strip()] or list(FAMILIES)
     unknown = set(families) - set(FAMILIES)
     if unknown:
