@@ -43,7 +43,7 @@ MAX_SHAPES = 8
 #: Families (spandrel ``Architecture.id``) measured faster compiled than eager, per device type. Only
 #: these are compiled by ``compile="auto"``. CPU, bench/bench_compile.py (64² x2, small configs, one
 #: thread, interleaved medians of CPU time): FlexNet 1.76x (MetaFlexNet 1.10x), LMLT 1.36x, LAMNet 1.30x,
-#: the DaViT transformer 1.30x, EIMN 1.14x. CUDA is not measured yet: none there.
+#: the DaViT transformer 1.22-1.30x, EIMN 1.14-1.39x. CUDA is not measured yet: none there.
 COMPILE_FAMILIES: dict[str, frozenset[str]] = {
     "cpu": frozenset({"FlexNet", "LMLT", "LAMNet", "EIMN", "TransformerSR"}),
     "cuda": frozenset(),
