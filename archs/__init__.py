@@ -16,6 +16,7 @@ from .errors import (
 )
 from .reparam import ReparamModule, fusable_modules, fuse
 from .interpolate import InterpolationError, interpolate_models, interpolate_state_dicts
+from .compile import COMPILE_FAMILIES, CompiledModel, compile_pays, compiled
 from .registry import (
     REGISTRY,
     FlexSRArchitecture,
@@ -65,6 +66,10 @@ __all__ = [
     "InterpolationError",
     "interpolate_models",
     "interpolate_state_dicts",
+    "COMPILE_FAMILIES",
+    "CompiledModel",
+    "compile_pays",
+    "compiled",
     "FlexNet",
     "FlexNetArch",
     "MetaFlexNet",

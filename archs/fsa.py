@@ -245,7 +245,10 @@ def _fsa(x: Tensor, kernel: Tensor, taps: KernelMap, groups: int, dim: int, band
     kg = kernel.reshape(b, groups, k, h, w)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
     # each of torch's CPU threads works on its share of a band, so bands grow with the thread count
-    band = CPU_BAND_ELEMENTS * torch.get_num_threads() if band_elements is None else band_elements
+    if torch.compiler.is_compiling():  # one band: the compiler fuses the sums itself (no unrolled band loop)
+        band = 0
+    else:
+        band = CPU_BAND_ELEMENTS * torch.get_num_threads() if band_elements is None else band_elements
     if needs_grad or band <= 0 or x.device.type != "cpu" or x.numel() <= band:
         # One band: a fresh result, which autograd follows through the in-place adds; batched work
         # also suits accelerators.

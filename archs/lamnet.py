@@ -170,7 +170,9 @@ def _inference() -> bool:
 
 
 def _cpu_inference(x: Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.is_grad_enabled()
+    """The eager CPU forms (hand-banded depthwise conv, tanh by sigmoid) apply: not under torch.compile,
+    whose generated code fuses the plain forms itself."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _scaled_residual(x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
@@ -387,7 +389,9 @@ class LSAMixer(nn.Module):
         keep no version counter: there, only loads and moves are noticed.)
         """
         buf = self.kernel_map
-        if buf.device.type == "meta":
+        if buf.device.type == "meta" or torch.compiler.is_compiling():
+            # compiled: the map of the constructor or the last loaded state dict (reading the buffer's
+            # values is not traceable; dynamo guards on this tuple, so a new one recompiles)
             return self._taps
         if buf.device.type == "cpu":
             key: tuple = tuple(buf.flatten().tolist())
@@ -404,6 +408,8 @@ class LSAMixer(nn.Module):
             check_kernel_map(state_dict[key], self.kernel_size, where=f"'{key}'")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         self._taps_key = None  # re-read the (possibly new) values at the next forward pass
+        if key in state_dict and state_dict[key].device.type != "meta":
+            self._taps = normalize_kernel_map(state_dict[key])  # already current for a compiled forward
 
     def _horizontal_patch_conv(self, x: Tensor) -> Tensor:
         """``h_kernel[0]`` (depthwise 1 x P), run as a P x 1 conv on the transposed map: the same sums,

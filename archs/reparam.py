@@ -61,7 +61,12 @@ def derived(module: nn.Module, name: str, sources, compute):
     ``.to()``: a folded weight can never go stale. Inference tensors (weights created under
     ``torch.inference_mode()``) carry no version counter and are folded on every call instead. Computed
     under ``no_grad``; the cache is a plain attribute (not a buffer), so state dicts are unchanged.
+    Under ``torch.compile`` the fold is traced into the compiled graph (computed on every call, a
+    negligible cost beside the model's): the cache's bookkeeping is not traceable.
     """
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return compute()
     if any(t.is_inference() for t in sources):
         # weights made under torch.inference_mode() (ComfyUI loads models that way) have no version
         # counter, so a change to them could not be seen: fold them afresh on every call

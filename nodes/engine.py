@@ -20,6 +20,11 @@ How a run goes:
    same hooks, every quarter second inside a model call.
 7. A target scale below the model's is reached by an antialiased bicubic downscale of the result;
    above it, the model is applied again (at most :data:`MAX_PASSES` passes), then resized to the target.
+8. ``compile`` ("off" / "auto" / "on", :func:`resolve_compile`) runs the network through
+   :func:`archs.compile.compiled`: compiled once per window shape and kept with the network, so later
+   tiles and runs reuse it. Windows are then uniform (edge windows widened into the image) and a short
+   last batch is filled up to the batch size, so a run compiles one shape or few. While compiled, no
+   hooks sit inside the model: progress moves and Cancel acts between model calls.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..archs.compile import CompiledModel, compile_pays, compiled
 from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
 from . import host
 from .blend import write_tile
@@ -46,6 +52,7 @@ from .watch import ModuleWatch
 log = logging.getLogger("flexsr")
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+COMPILE_MODES = ("off", "auto", "on")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_PASSES = 4
@@ -87,6 +94,7 @@ class Report:
     model_calls: int = 0
     oom_retries: int = 0
     plan: str = ""
+    compiled: str = ""
     notes: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -100,6 +108,8 @@ class Report:
             parts.append(f"{self.passes} model passes")
         if self.oom_retries:
             parts.append(f"out of memory {self.oom_retries}× → tile {self.tile} px")
+        if self.compiled:
+            parts.append(self.compiled)
         return "\n".join(parts + self.notes)
 
 
@@ -203,6 +213,27 @@ def resolve_precision(requested: str, model, device: torch.device) -> torch.dtyp
         log.warning("FlexSR: bf16 is not supported by %s here; using fp32.", model.architecture.name)
         return torch.float32
     return DTYPES[requested]
+
+
+def resolve_compile(requested: str, model, device: torch.device) -> bool:
+    """Whether to run ``model`` compiled: "on" always, "off" never, "auto" only for the families measured
+    faster compiled on this kind of device (:data:`archs.compile.COMPILE_FAMILIES`)."""
+    if requested not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, not {requested!r}")
+    if requested == "auto":
+        return compile_pays(getattr(model.architecture, "id", ""), device)
+    return requested == "on"
+
+
+def describe_compiled(c: CompiledModel) -> str:
+    """One line for the report: how the compiled model fared in this run."""
+    if c.failed:
+        return f"torch.compile failed → eager ({c.failed})"
+    shapes = len(c.shapes)
+    text = f"compiled, {shapes} shape{'s' if shapes != 1 else ''}"
+    if c.eager_calls:
+        text += f", {c.eager_calls} eager call{'s' if c.eager_calls != 1 else ''} (over {c.max_shapes} shapes)"
+    return text
 
 
 def estimate_bytes_per_pixel(model, dtype: torch.dtype) -> int:
@@ -343,8 +374,10 @@ class TileRunner:
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype, layout: Layout, tile: int, batch: int,
                  report: Report, check_cancel: Callable[[], None], on_progress: Callable[[int], None],
-                 on_partial: Optional[Callable[[int], None]] = None):
+                 on_partial: Optional[Callable[[int], None]] = None, compiled: Optional[CompiledModel] = None):
         self.model = model
+        #: the network compiled per window shape (no hooks inside it then), or None to run it as it is
+        self.compiled = compiled
         self.device = device
         self.dtype = dtype
         self.layout = layout
@@ -358,6 +391,7 @@ class TileRunner:
         self.oom = host.oom_types()
         self.floor = layout.tile_size(max(MIN_TILE, layout.min_tile()))
         self.used_batch = 1
+        self.shape_batch: dict[tuple[int, int], int] = {}
         self.channels_last = True
         #: False while ``dst`` is uninitialised (a one-tile-per-image plan): zeroed before any re-split.
         self.dst_zeroed = True
@@ -374,6 +408,7 @@ class TileRunner:
         pending = plan_tiles(B, H, W, self.tile, self.layout)
         self.report.plan = describe(pending)
         self.report.context = self.layout.context if len(pending) > B else 0
+        self._plan_batches(pending)
         while pending:
             self.check_cancel()
             group = self._take(pending)
@@ -386,6 +421,7 @@ class TileRunner:
                 out_of_memory = True  # handled below, once the failed call's frames are released
             if out_of_memory:
                 pending = self._shrink(pending, len(group), H, W)
+                self._plan_batches(pending)
                 if not self.dst_zeroed and len(pending) > len({t.index for t in pending}):
                     for index in {t.index for t in pending}:  # tiles of these images will crossfade
                         dst[index].zero_()
@@ -410,12 +446,27 @@ class TileRunner:
         self.report.batch = self.used_batch
         return None
 
+    def _plan_batches(self, pending: Sequence[Tile]) -> None:
+        """Compiled: the batch per window shape, even (n tiles in ceil(n / batch) calls of equal size), so
+        each window shape is one compiled input shape (a short last call is filled up to it)."""
+        self.shape_batch = {}
+        if self.compiled is None:
+            return
+        counts: dict[tuple[int, int], int] = {}
+        for t in pending:
+            counts[t.window_shape] = counts.get(t.window_shape, 0) + 1
+        for shape, n in counts.items():
+            self.shape_batch[shape] = math.ceil(n / math.ceil(n / self.batch))
+
     def _take(self, pending: Sequence[Tile]) -> list[Tile]:
         shape = pending[0].window_shape
-        return [t for t in pending if t.window_shape == shape][: self.batch]
+        return [t for t in pending if t.window_shape == shape][: self.shape_batch.get(shape, self.batch)]
 
     def _call(self, src: Tensor, group: list[Tile], pre) -> Tensor:
         windows = [src[t.index, :, t.y.lo : t.y.hi, t.x.lo : t.x.hi] for t in group]
+        fill = self.shape_batch.get(group[0].window_shape, 0) if self.compiled is not None else 0
+        if len(windows) < fill:  # a short last call is filled with its last window: one compiled shape, not two
+            windows += [windows[-1]] * (fill - len(windows))
         if self.device.type == "cpu" and self.channels_last:  # one copy, straight into the layout fed
             x = torch.empty((len(windows), *windows[0].shape), dtype=self.model.dtype,
                             memory_format=torch.channels_last)
@@ -428,7 +479,11 @@ class TileRunner:
         self.report.model_calls += 1
         area = sum(t.core_area for t in group)
         self.watch.on_fraction = None if self.on_partial is None else (lambda f: self.on_partial(int(f * area)))
-        with self.watch.attached(), self.watch.call(tuple(x.shape)):
+        hooks = self.watch.attached() if self.compiled is None else contextlib.nullcontext()
+        if self.compiled is not None and self.compiled.will_compile(x):
+            log.info("FlexSR: compiling %s for %s (once per shape; later tiles and runs reuse it)",
+                     self.model.architecture.name, tuple(x.shape))
+        with hooks, self.watch.call(tuple(x.shape)):
             y = self._forward(x)
             if self.dtype != torch.float32 and not bool(torch.isfinite(y).all()):
                 log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
@@ -444,21 +499,37 @@ class TileRunner:
                 f"The model {name} turned a finite image into NaN/Inf values (in {NAMES.get(self.dtype)}); "
                 f"its weights are probably damaged. Nothing was returned."
             )
-        return y
+        return y[: len(group)]
 
     def _forward(self, x: Tensor) -> Tensor:
         """The model on ``x``, fed channels-last (faster convolutions on CPU and GPU) while the model copes."""
         if self.channels_last:
             try:
                 with _autocast(self.device, self.dtype, self.model.dtype):
-                    return self.model(x.contiguous(memory_format=torch.channels_last))
+                    return self._model(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as e:
                 if "view" not in str(e) and "stride" not in str(e):
                     raise
                 log.debug("FlexSR: %s needs contiguous input (%s)", self.model.architecture.name, e)
                 self.channels_last = False
         with _autocast(self.device, self.dtype, self.model.dtype):
-            return self.model(x.contiguous())
+            return self._model(x.contiguous())
+
+    def _model(self, x: Tensor) -> Tensor:
+        """The descriptor's call (pad to its size needs, run, clamp to 0..1, crop), through the compiled
+        network when there is one."""
+        if self.compiled is None or self.compiled.failed:
+            return self.model(x)
+        h, w = x.shape[-2:]
+        pad_w, pad_h = self.model.size_requirements.get_padding(w, h)
+        if pad_w or pad_h:  # as spandrel pads: reflect as far as it reaches, then replicate
+            rw, rh = min(pad_w, w - 1), min(pad_h, h - 1)
+            x = F.pad(F.pad(x, (0, rw, 0, rh), "reflect"), (0, pad_w - rw, 0, pad_h - rh), "replicate")
+        if self.model.model.training:
+            self.model.model.eval()
+        y = self.compiled(x).clamp_(0, 1)
+        s = self.model.scale
+        return y[..., : h * s, : w * s] if pad_w or pad_h else y
 
     def _shrink(self, pending: list[Tile], failed: int, H: int, W: int) -> list[Tile]:
         host.empty_cache()
@@ -599,12 +670,17 @@ def upscale_image(
     device: Optional[torch.device | str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     check_cancel: Optional[Callable[[], None]] = None,
+    compile: str = "off",
+    compile_cache: Optional[str] = None,
 ) -> tuple[Tensor, Report]:
     """Upscale a ComfyUI IMAGE ``[B, H, W, C]`` (0..1) with a spandrel ``ImageModelDescriptor``.
 
     ``tile_size``: core tile size in input px, 0 = automatic. ``overlap``: context px around each tile
     where tiles meet (rounded up to the model's grid; half of it crossfades). ``target_scale``: 0 = the
-    model's scale. Returns (IMAGE ``[B, H', W', C']`` float32 on CPU, :class:`Report`).
+    model's scale. ``compile``: "off", "on" or "auto" (:func:`resolve_compile`); ``compile_cache``: the
+    folder for torch.compile's on-disk caches (:func:`archs.compile.use_cache_dir`; default
+    ``~/.cache/flexsr/torch_compile``; ``TORCHINDUCTOR_CACHE_DIR`` wins when set). Returns
+    (IMAGE ``[B, H', W', C']`` float32 on CPU, :class:`Report`).
     """
     image = check_image(image)
     image = attach_mask(image, mask, invert_mask)
@@ -615,6 +691,7 @@ def upscale_image(
     device = torch.device(device) if device is not None else host.torch_device()
     check_cancel = check_cancel or host.check_interrupted
     dtype = resolve_precision(precision, model, device)
+    compiled_model = compiled(model, cache_dir=compile_cache) if resolve_compile(compile, model, device) else None
 
     b, h, w, c = image.shape
     scale = model.scale
@@ -645,12 +722,14 @@ def upscale_image(
         with kept_heap(device.type == "cpu"):  # fewer page faults between layers; memory handed back after
             for _ in range(passes):
                 current = _one_pass(model, current, device, dtype, tile_size, overlap, alpha_mode, report,
-                                    check_cancel, tracker)
+                                    check_cancel, tracker, compiled_model)
     finally:
         model.to(original_device)
         if device.type == "cuda":
             host.empty_cache()
 
+    if compiled_model is not None:
+        report.compiled = describe_compiled(compiled_model)
     tracker.add(tracker.total)  # jobs that needed no model (constant alpha) count as done
     out_h, out_w = max(1, round(h * target)), max(1, round(w * target))
     if (out_h, out_w) != tuple(current.shape[1:3]):
@@ -660,7 +739,7 @@ def upscale_image(
 
 
 def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mode, report: Report,
-              check_cancel, tracker: _Progress) -> Tensor:
+              check_cancel, tracker: _Progress, compiled_model: Optional[CompiledModel] = None) -> Tensor:
     b, h, w, c = image.shape
     s = model.scale
     alpha_value = None
@@ -670,7 +749,8 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
             alpha_value = float(a.flatten()[0])
     jobs = plan_channels(c, model.input_channels, model.output_channels, alpha_mode, alpha_value)
     out_c = len({d for j in jobs for d in j.dst})
-    layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda")
+    # uniform windows: on CUDA they batch; compiled, they are one shape (one compile) instead of up to four
+    layout = Layout.for_model(report.align, overlap, uniform=device.type == "cuda" or compiled_model is not None)
     auto = not (tile_size and tile_size > 0)
     budget, bpp = memory_budget(model, device, dtype, layout, probe=auto, pixels=h * w)
     if device.type == "cpu" and h * w * bpp > budget:  # tiled: keep the working set small beside the output
@@ -688,7 +768,8 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     out = (torch.empty if whole else torch.zeros)(b, h * s, w * s, out_c, dtype=torch.float32)
     out_bchw = out.permute(0, 3, 1, 2)
     src_bchw = image.permute(0, 3, 1, 2)
-    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add, tracker.partial)
+    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add, tracker.partial,
+                        compiled_model)
     runner.dst_zeroed = not whole
     for job in jobs:
         dst = out_bchw[:, _run(job.dst)]

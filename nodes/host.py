@@ -122,6 +122,20 @@ def model_path(name: str) -> Path:
     raise FileNotFoundError(f"Model '{name}' is not in any upscale_models folder ({', '.join(map(str, model_folders()))}).")
 
 
+def compile_cache_dir() -> Optional[Path]:
+    """Where torch.compile's on-disk caches go inside ComfyUI: ``<ComfyUI user directory>/flexsr/torch_compile``
+    (kept across restarts, unlike ComfyUI's temp folder). None outside ComfyUI (the library's default then)."""
+    fp = folder_paths()
+    getter = getattr(fp, "get_user_directory", None) if fp is not None else None
+    if getter is None:
+        return None
+    try:
+        return Path(getter()) / "flexsr" / "torch_compile"
+    except Exception as e:  # an unusual folder_paths: the library's default folder is used
+        log.debug("FlexSR: no ComfyUI user directory (%s)", e)
+        return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Devices and memory
 
