@@ -45,7 +45,7 @@ from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
 from . import host
 from .blend import write_tile
 from .channels import ALPHA_MODES, Job, plan_channels
-from .heap import kept_heap
+from .heap import kept_heap, run_on_heap
 from .tiles import Layout, Tile, describe, plan_tiles, resplit
 from .watch import ModuleWatch
 
@@ -505,15 +505,33 @@ class TileRunner:
         """The model on ``x``, fed channels-last (faster convolutions on CPU and GPU) while the model copes."""
         if self.channels_last:
             try:
-                with _autocast(self.device, self.dtype, self.model.dtype):
-                    return self._model(x.contiguous(memory_format=torch.channels_last))
+                return self._model_call(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as e:
                 if "view" not in str(e) and "stride" not in str(e):
                     raise
                 log.debug("FlexSR: %s needs contiguous input (%s)", self.model.architecture.name, e)
                 self.channels_last = False
-        with _autocast(self.device, self.dtype, self.model.dtype):
-            return self._model(x.contiguous())
+        return self._model_call(x.contiguous())
+
+    def _model_call(self, x: Tensor) -> Tensor:
+        """One model call; on a CPU in the heap thread (:func:`.heap.run_on_heap`: glibc's main arena, whose
+        memory a run keeps, so layers do not page-fault their outputs in again), with this thread's torch
+        modes and thread count."""
+        def call() -> Tensor:
+            with _autocast(self.device, self.dtype, self.model.dtype):
+                return self._model(x)
+
+        if self.device.type != "cpu":
+            return call()
+        threads, inference, grad = torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def in_heap_thread() -> Tensor:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return call()
+
+        return run_on_heap(in_heap_thread)
 
     def _model(self, x: Tensor) -> Tensor:
         """The descriptor's call (pad to its size needs, run, clamp to 0..1, crop), through the compiled

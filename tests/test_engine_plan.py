@@ -152,3 +152,119 @@ def test_kept_heap_nests_and_is_released(pack):
     assert heap._depth == 0
     with heap.kept_heap(enabled=False) as off:
         assert off is False
+
+
+def test_run_on_heap_returns_raises_and_carries_context(pack):
+    import contextvars
+    import threading
+
+    heap = pack.nodes.heap
+    var = contextvars.ContextVar("flexsr_test_var", default="unset")
+    var.set("caller's")
+    seen = heap.run_on_heap(lambda: (var.get(), threading.current_thread().name))
+    assert seen[0] == "caller's"
+    assert seen[1].startswith("flexsr-heap") == heap.available()
+
+    def fails():
+        raise KeyError("from the heap thread")
+
+    try:
+        heap.run_on_heap(fails)
+    except KeyError as e:
+        assert "from the heap thread" in str(e)
+    else:
+        raise AssertionError("the heap thread's exception did not reach the caller")
+    assert heap.run_on_heap(lambda: heap.run_on_heap(lambda: 7)) == 7  # nested: runs in place, no deadlock
+    assert heap.heap_thread_on_main_arena() in ((True, False) if heap.available() else (None,))
+
+
+def test_cpu_model_calls_run_in_the_heap_thread_with_the_callers_torch_state(pack):
+    import threading
+
+    engine, heap = pack.nodes.engine, pack.nodes.heap
+    model, module = counting_model(pack)
+    states = []
+    module.register_forward_pre_hook(lambda m, args: states.append(
+        (threading.current_thread().name, torch.is_inference_mode_enabled(), torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image = torch.rand(1, 40, 56, 3)
+        out, _ = engine.upscale_image(model, image, device="cpu")
+        calls = list(states)
+        with torch.inference_mode():
+            want = model(image.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, want)
+    assert len(calls) == 1
+    name, inference, n = calls[0]
+    assert name.startswith("flexsr-heap") == heap.available() and inference and n == 1
+
+
+FAULTS_SCRIPT = r"""
+import resource, sys, threading, json
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+result = {}
+
+def worker():  # like ComfyUI's prompt worker: a thread with an arena of its own before the pack runs
+    keep = [torch.empty(1 << 20, dtype=torch.uint8) for _ in range(4)]
+    from packutil import load_pack
+    from spandrel import ImageModelDescriptor
+    from spandrel.architectures.Compact import Compact
+    pack = load_pack()
+    engine, heap = pack.nodes.engine, pack.nodes.heap
+    layers = [torch.nn.Conv2d(3, 64, 1)]
+    for _ in range(10):  # 21 activations of 64 MiB each (64 channels of 512², fp32), at most ~3 alive at once
+        layers += [torch.nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Conv2d(64, 12, 1), torch.nn.PixelShuffle(2)).eval()
+    base = pack.archs.load_model(Compact(num_feat=8, num_conv=1, upscale=2).state_dict())
+    model = ImageModelDescriptor(net, net.state_dict(), architecture=base.architecture, purpose=base.purpose,
+                                 tags=[], supports_half=False, supports_bfloat16=False, scale=2,
+                                 input_channels=3, output_channels=3)
+    image = torch.rand(1, 512, 512, 3)
+    for name, direct in (("in this thread", True), ("in the heap thread", False)):
+        saved = engine.run_on_heap
+        if direct:
+            engine.run_on_heap = lambda fn: fn()
+        try:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            engine.upscale_image(model, image, device="cpu", tile_size=512)
+            result[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        finally:
+            engine.run_on_heap = saved
+    result["main arena"] = heap.heap_thread_on_main_arena()
+
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+print(json.dumps(result))
+"""
+
+
+def test_a_worker_threads_large_activations_are_not_faulted_in_again(pack):
+    """ComfyUI runs nodes in a worker thread with an arena of its own, where glibc mmaps (and page-faults
+    in) every block above 64 MiB. The engine's model calls run in the heap thread on the main arena, whose
+    kept heap serves a run's activations again without faulting them in layer after layer."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    if not pack.nodes.heap.available():
+        pytest.skip("needs glibc")
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, str(tests)], capture_output=True, text=True,
+                          timeout=300, cwd=tests)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faults = json.loads(done.stdout.strip().splitlines()[-1])
+    if not faults["main arena"]:
+        pytest.skip(f"the heap thread did not get glibc's main arena here: {faults}")
+    activation = (64 << 20) // 4096  # pages of one activation
+    assert faults["in this thread"] > 10 * activation, faults  # the case being fixed: 20 activations faulted in
+    # the heap's first growth to the run's peak (a few activations, the input and output) is faulted in once
+    assert faults["in the heap thread"] < 8 * activation, faults
