@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -62,7 +64,9 @@ def test_files_blend_into_a_loadable_model_with_provenance(tmp_path):
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["b_command"] == "train b" and meta["b_seed"] == "5"
-    assert meta["a"].startswith("a.safetensors sha256=") and "alpha = 0.3" in meta["interpolation"]
+    assert meta["a"] == f"a.safetensors sha256={hashlib.sha256(pa.read_bytes()).hexdigest()}"
+    assert meta["a_command"] == "train a" and "alpha = 0.3" in meta["interpolation"]
+    assert meta["command"].startswith("python -m training.interpolate")  # its own, not a parent's
     # the blended model runs and differs from both parents
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():

@@ -3,6 +3,7 @@ trip, re-scaling a pretrained model, the GAN path, data folders, resume after SI
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 import archs
 from training import finetune
@@ -138,6 +140,13 @@ def test_pretrained_at_another_scale_keeps_the_body_and_reinitialises_the_tail(a
     assert any(not torch.equal(thawed[k], pre[k]) for k in kept if thawed[k].is_floating_point())
     desc = archs.load_model(summary["model"])
     assert desc.scale == 4 and desc.model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+    # the fine-tune records the file it started from, and how that file was made
+    with safe_open(summary["model"], "pt") as f:
+        meta = f.metadata()
+    with safe_open(str(x2), "pt") as f:
+        parent = f.metadata()
+    assert meta["pretrained"] == f"{x2.name} sha256={hashlib.sha256(x2.read_bytes()).hexdigest()}"
+    assert meta["pretrained_command"] == parent["command"] and meta["pretrained_seed"] == parent["seed"]
 
 
 # --------------------------------------------------------------------------------------------------

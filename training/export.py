@@ -18,7 +18,7 @@ import archs
 
 from .checkpoint import read_jsonl
 from .metrics import bicubic_upscale
-from .models import export_name, export_safetensors, parameter_count
+from .models import export_name, export_safetensors, lineage, parameter_count
 from .runlog import METRICS_NAME
 
 if TYPE_CHECKING:
@@ -107,6 +107,8 @@ def provenance(args, device, seconds: float) -> dict[str, str]:
         "machine": machine,
         "wall_time_s": f"{seconds:.0f}",
         "torch": torch.__version__,
+        # the file it started from: name, SHA-256 and, for a model made here, how that one was made
+        **(lineage(args.pretrained, "pretrained") if getattr(args, "pretrained", None) else {}),
     }
 
 

@@ -17,7 +17,6 @@ command, seed and data manifest) under ``b_`` names.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -29,15 +28,7 @@ if __package__ in (None, ""):  # run as a script: python training/interpolate.py
 import archs  # noqa: E402
 from archs import InterpolationError, interpolate_state_dicts  # noqa: E402,F401 - re-exported for callers
 
-from .models import export_safetensors  # noqa: E402
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .models import export_safetensors, lineage  # noqa: E402
 
 
 def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
@@ -58,22 +49,12 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
     if da.scale != db.scale:
         raise InterpolationError(f"{path_a.name} upscales x{da.scale}, {path_b.name} x{db.scale}")
     mixed = archs.interpolate_models(ma, mb, alpha, (path_a.name, path_b.name))
-    meta_b = {}
-    try:
-        from safetensors import safe_open
-
-        if path_b.suffix.lower() == ".safetensors":
-            with safe_open(str(path_b), "pt") as f:
-                meta_b = dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights loaded above
-        meta_b = {}
-    meta = {f"b_{k}": v for k, v in meta_b.items() if k not in ("flexsr_architecture", "scale")}
+    meta = lineage(path_b, "b")
     meta.update({
-        "flexsr_architecture": meta_b.get("flexsr_architecture", type(ma).__name__),
+        "flexsr_architecture": type(ma).__name__,
         "scale": str(da.scale),
         "interpolation": f"(1 - alpha) * A + alpha * B, alpha = {alpha:g}",
-        "a": f"{path_a.name} sha256={_sha256(path_a)}",
-        "b": f"{path_b.name} sha256={_sha256(path_b)}",
+        **lineage(path_a, "a"),
         "command": command or f"python -m training.interpolate {path_a} {path_b} --alpha {alpha:g} --out {out}",
     })
     return export_safetensors(mixed.cpu().eval(), out, meta)

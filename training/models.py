@@ -296,3 +296,32 @@ def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, s
         log.warning("%s loads as a %s with other settings than trained (trained, loaded): %s", path.name,
                     type(desc.model).__name__, diff)
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lineage(path: str | Path, prefix: str) -> dict[str, str]:
+    """What a model made from the file at ``path`` records of it: ``{prefix: "name sha256=..."}`` and, for a
+    .safetensors file that carries provenance (a fine-tune or a blend made here), its metadata under
+    ``prefix_`` names, so a chain of fine-tunes and blends stays readable from the last file alone."""
+    path = Path(path)
+    record = {prefix: f"{path.name} sha256={file_sha256(path)}"}
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = dict(f.metadata() or {})
+        except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights were loaded elsewhere
+            meta = {}
+        record.update({f"{prefix}_{k}": v for k, v in meta.items() if k not in ("flexsr_architecture", "scale")})
+    return record
