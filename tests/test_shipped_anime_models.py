@@ -3,6 +3,7 @@ archs.load_model, record how they were made, and clearly beat bicubic on Set14 a
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,23 @@ def test_shipped_model_loads_and_records_its_making(name):
     assert desc.scale == SHIPPED[name] and type(desc.model).__name__ == "EIMN"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["command"].startswith("python training/finetune.py --pretrained")
-    assert f"EIMN_A_x{SHIPPED[name]}.pth" in meta["command"] and "--data" in meta["command"]
+    base = f"EIMN_A_x{SHIPPED[name]}.pth"
+    tuned = meta
+    if meta["command"].startswith("python -m training.interpolate"):
+        # a blend of the published checkpoint (A) and a fine-tune of it (B): B's record is kept under b_ names
+        assert meta["a"].startswith(f"{base} sha256=") and "alpha" in meta["interpolation"]
+        published = SHARED / "weights" / base
+        if published.is_file():
+            assert meta["a"] == f"{base} sha256={hashlib.sha256(published.read_bytes()).hexdigest()}"
+        assert meta["b"].split(" sha256=")[1] and meta["b_command"]
+        tuned = {k[2:]: v for k, v in meta.items() if k.startswith("b_")}
+    else:
+        assert base in meta["command"]
+    assert tuned["command"].startswith("python training/finetune.py --pretrained"), tuned["command"]
+    assert "--data" in tuned["command"] and "--seed" in tuned["command"]
     for key in ("seed", "steps", "data_manifest_sha256", "machine", "wall_time_s"):
-        assert meta.get(key), key
-    assert int(meta["steps"]) > 0 and "=" in meta["data_manifest_sha256"]  # folder=sha256 of its manifest
+        assert tuned.get(key), key
+    assert int(tuned["steps"]) > 0 and "=" in tuned["data_manifest_sha256"]  # folder=sha256 of its manifest
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
