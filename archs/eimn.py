@@ -482,18 +482,8 @@ class EIMNArch(FlexSRArchitecture):
         tags += [f"{embed_dims}dim", f"{num_stages}stages"]
         if depths != 1:
             tags.append(f"{depths}blocks/stage")
-        return ImageModelDescriptor(
-            model,
-            state_dict,
-            architecture=self,
-            purpose="SR" if scale > 1 else "Restoration",
-            tags=tags,
-            supports_half=True,
-            supports_bfloat16=True,
-            scale=scale,
-            input_channels=in_chans,
-            output_channels=out_chans,
-        )
+        return self.sr_descriptor(model, state_dict, scale=scale, tags=tags, input_channels=in_chans,
+                                  output_channels=out_chans)
 
     def signature_model(self) -> EIMN:
         return EIMN(embed_dims=16, num_stages=2, depths=1, scale=2)

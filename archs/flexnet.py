@@ -624,18 +624,8 @@ class FlexNetArch(FlexSRArchitecture):
             tags.append("channel_norm")
         if flash_attn:
             tags.append("flash_attn")
-        return ImageModelDescriptor(
-            model,
-            state_dict,
-            architecture=self,
-            purpose="SR" if scale > 1 else "Restoration",
-            tags=tags,
-            supports_half=True,
-            supports_bfloat16=True,
-            scale=scale,
-            input_channels=inp_channels,
-            output_channels=out_channels,
-        )
+        return self.sr_descriptor(model, state_dict, scale=scale, tags=tags, input_channels=inp_channels,
+                                  output_channels=out_channels)
 
 
 def _pixelshuffle_scale_and_channels(conv_out: int, inp_channels: int) -> tuple[int, int]:

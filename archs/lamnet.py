@@ -719,18 +719,8 @@ class LAMNetArch(FlexSRArchitecture):
             f"{num_head}heads",
             f"{kernel_size}taps",
         ]
-        return ImageModelDescriptor(
-            model,
-            state_dict,
-            architecture=self,
-            purpose="SR" if upscale > 1 else "Restoration",
-            tags=tags,
-            supports_half=True,
-            supports_bfloat16=True,
-            scale=upscale,
-            input_channels=in_chans,
-            output_channels=in_chans,
-        )
+        return self.sr_descriptor(model, state_dict, scale=upscale, tags=tags, input_channels=in_chans,
+                                  output_channels=in_chans)
 
 
 def _same(a, b) -> bool:

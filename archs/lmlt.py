@@ -390,18 +390,8 @@ class LMLTArch(FlexSRArchitecture):
         tags = ([preset] if preset else []) + [f"{dim}dim", f"{n_blocks}nb"]
         if window_size != 8:
             tags.append(f"w{window_size}")
-        return ImageModelDescriptor(
-            model,
-            state_dict,
-            architecture=self,
-            purpose="SR" if scale > 1 else "Restoration",
-            tags=tags,
-            supports_half=True,
-            supports_bfloat16=True,
-            scale=scale,
-            input_channels=in_chans,
-            output_channels=in_chans,
-        )
+        return self.sr_descriptor(model, state_dict, scale=scale, tags=tags, input_channels=in_chans,
+                                  output_channels=in_chans)
 
     def signature_model(self) -> LMLT:
         return LMLT(dim=12, n_blocks=1, upscaling_factor=2)

@@ -78,6 +78,23 @@ class FlexSRArchitecture(Architecture):
     def signature_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sr_descriptor(self, model: torch.nn.Module, state_dict: StateDict, *, scale: int, tags: list[str],
+                      input_channels: int, output_channels: int) -> ImageModelDescriptor:
+        """The descriptor every SR family of the pack returns: "SR" above ×1, else "Restoration"; fp16
+        and bf16 supported (the engine still picks per device and family)."""
+        return ImageModelDescriptor(
+            model,
+            state_dict,
+            architecture=self,
+            purpose="SR" if scale > 1 else "Restoration",
+            tags=tags,
+            supports_half=True,
+            supports_bfloat16=True,
+            scale=scale,
+            input_channels=input_channels,
+            output_channels=output_channels,
+        )
+
     def signature_keys(self) -> set[str]:
         with torch.device("meta"):
             model = self.signature_model()

@@ -545,18 +545,8 @@ class TransformerSRArch(FlexSRArchitecture):
         if old:
             tags.append("TransformerSR keys" + (f", residual groups {groups}" if groups else ""))
         try:
-            return ImageModelDescriptor(
-                model,
-                weights,
-                architecture=self,
-                purpose="SR" if factor > 1 else "Restoration",
-                tags=tags,
-                supports_half=True,
-                supports_bfloat16=True,
-                scale=factor,
-                input_channels=in_channels,
-                output_channels=out_channels,
-            )
+            return self.sr_descriptor(model, weights, scale=factor, tags=tags, input_channels=in_channels,
+                                      output_channels=out_channels)
         except RuntimeError as e:
             raise IncompatibleWeightsError(
                 f"TransformerSR weights do not fit the model read from their shapes "
