@@ -51,13 +51,7 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
     if out.resolve() in (path_a.resolve(), path_b.resolve()):
         raise InterpolationError("the output must not be one of the inputs")
     da, db = archs.load_model(path_a), archs.load_model(path_b)
-    ma, mb = da.model, db.model
-    if type(ma) is not type(mb):
-        raise InterpolationError(f"{path_a.name} is a {type(ma).__name__}, {path_b.name} a {type(mb).__name__}: "
-                                 "only models of one architecture can be blended")
-    if da.scale != db.scale:
-        raise InterpolationError(f"{path_a.name} upscales x{da.scale}, {path_b.name} x{db.scale}")
-    mixed = archs.interpolate_models(ma, mb, alpha, (path_a.name, path_b.name))
+    mixed = archs.interpolate_descriptors(da, db, alpha, (path_a.name, path_b.name))
     meta_b = {}
     try:
         from safetensors import safe_open
@@ -69,7 +63,7 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
         meta_b = {}
     meta = {f"b_{k}": v for k, v in meta_b.items() if k not in ("flexsr_architecture", "scale")}
     meta.update({
-        "flexsr_architecture": meta_b.get("flexsr_architecture", type(ma).__name__),
+        "flexsr_architecture": meta_b.get("flexsr_architecture", type(mixed).__name__),
         "scale": str(da.scale),
         "interpolation": f"(1 - alpha) * A + alpha * B, alpha = {alpha:g}",
         "a": f"{path_a.name} sha256={_sha256(path_a)}",
