@@ -15,7 +15,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .reparam import ReparamModule, fusable_modules, fuse
-from .interpolate import InterpolationError, interpolate_models, interpolate_state_dicts
+from .interpolate import InterpolationError, interpolate_descriptors, interpolate_models, interpolate_state_dicts
 from .compile import COMPILE_FAMILIES, CompiledModel, compile_pays, compiled
 from .registry import (
     REGISTRY,
@@ -64,6 +64,7 @@ __all__ = [
     "fusable_modules",
     "fuse",
     "InterpolationError",
+    "interpolate_descriptors",
     "interpolate_models",
     "interpolate_state_dicts",
     "COMPILE_FAMILIES",

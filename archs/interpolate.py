@@ -52,15 +52,37 @@ def interpolate_state_dicts(a: Mapping[str, torch.Tensor], b: Mapping[str, torch
     return out
 
 
-def interpolate_models(a: nn.Module, b: nn.Module, alpha: float, names: tuple[str, str] = ("A", "B")) -> nn.Module:
-    """A new module: a deep copy of ``a`` holding the blend of ``a``'s and ``b``'s weights (the inputs are left
-    as they are; stored fused kernels follow the blended branches)."""
+def check_same_architecture(a: nn.Module, b: nn.Module, names: tuple[str, str] = ("A", "B")) -> None:
+    """:class:`InterpolationError` unless ``a`` and ``b`` are modules of one class."""
     if type(a) is not type(b):
         raise InterpolationError(f"{names[0]} is a {type(a).__name__}, {names[1]} a {type(b).__name__}: "
                                  "only models of one architecture can be blended")
+
+
+def _blend(a: nn.Module, b: nn.Module, alpha: float, names: tuple[str, str]) -> nn.Module:
     blended = interpolate_state_dicts(a.state_dict(), b.state_dict(), alpha, names)
     result = copy.deepcopy(a)
     result.load_state_dict(blended, strict=True)
     for m in fusable_modules(result):
         m.refresh_fused()
     return result
+
+
+def interpolate_models(a: nn.Module, b: nn.Module, alpha: float, names: tuple[str, str] = ("A", "B")) -> nn.Module:
+    """A new module: a deep copy of ``a`` holding the blend of ``a``'s and ``b``'s weights (the inputs are left
+    as they are; stored fused kernels follow the blended branches)."""
+    check_same_architecture(a, b, names)
+    return _blend(a, b, alpha, names)
+
+
+def interpolate_descriptors(a, b, alpha: float, names: tuple[str, str] = ("A", "B")) -> nn.Module:
+    """:func:`interpolate_models` for two loaded models (spandrel ``ImageModelDescriptor``s, as
+    :func:`archs.load_model` returns them): they must also agree in scale and channels. Returns the blended
+    module (``a.model``'s class); :class:`InterpolationError` names what differs."""
+    check_same_architecture(a.model, b.model, names)
+    if a.scale != b.scale:
+        raise InterpolationError(f"{names[0]} upscales x{a.scale}, {names[1]} x{b.scale}: blend models of one scale")
+    if (a.input_channels, a.output_channels) != (b.input_channels, b.output_channels):
+        raise InterpolationError(f"{names[0]} maps {a.input_channels} to {a.output_channels} channels, {names[1]} "
+                                 f"{b.input_channels} to {b.output_channels}")
+    return _blend(a.model, b.model, alpha, names)

@@ -164,10 +164,12 @@ def model_bytes(model) -> int:
 
 
 #: Families for which "auto" picks bf16 on a CPU with native bf16 (AVX512-BF16 / AMX): those measured
-#: faster than fp32 there in two runs, with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py,
-#: Set14 crops, one thread): LMLT 1.18-1.31x (50 dB), the DaViT transformer 2.5-3.2x (45-46 dB). Not
-#: FlexNet (2.0x but 43 dB on the default config), EIMN (0.91-1.16x), LAMNet (0.65x).
-CPU_BF16_FAMILIES: frozenset[str] = frozenset({"LMLT", "TransformerSR"})
+#: faster than fp32 there in two runs, with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py
+#: --repeats 5, 64x64 Set14 crop, one thread, published configs, random weights): the DaViT transformer
+#: 1.46-1.60x (45.3 dB). Not FlexNet (default config 3.1-3.5x and MetaFlexNet 2.0-2.1x, but 43 dB; the
+#: shipped x2 model 0.97-0.99x), LMLT (0.96x with its current inference form), EIMN_L / EIMN_A
+#: (0.68-0.73x) or LAMNet (0.53-0.63x). Keyed on the architecture id: MetaFlexNet is "FlexNet", EIMN_A "EIMN".
+CPU_BF16_FAMILIES: frozenset[str] = frozenset({"TransformerSR"})
 
 
 def cpu_has_native_bf16() -> bool:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from spandrel import ImageModelDescriptor
 
-from ..archs import FlexSRError, InterpolationError, fusable_modules, fuse, interpolate_models, load_model
+from ..archs import FlexSRError, fusable_modules, fuse, interpolate_descriptors, load_model
 from . import host
 from .engine import alignment, parameter_count
 
@@ -159,12 +159,7 @@ def fused_copy(model: ImageModelDescriptor) -> tuple[ImageModelDescriptor, int]:
 def interpolated(a: ImageModelDescriptor, b: ImageModelDescriptor, alpha: float) -> ImageModelDescriptor:
     """A new model whose weights are ``(1 - alpha) * a + alpha * b`` (same architecture, scale and channels;
     :class:`archs.InterpolationError` otherwise). The inputs are left as they are."""
-    if a.scale != b.scale:
-        raise InterpolationError(f"model A upscales x{a.scale}, model B x{b.scale}: blend models of one scale")
-    if (a.input_channels, a.output_channels) != (b.input_channels, b.output_channels):
-        raise InterpolationError(f"model A maps {a.input_channels} to {a.output_channels} channels, model B "
-                                 f"{b.input_channels} to {b.output_channels}")
-    module = interpolate_models(a.model, b.model, alpha, ("model A", "model B")).eval()
+    module = interpolate_descriptors(a, b, alpha, ("model A", "model B")).eval()
     tags = [t for t in a.tags if t != "interpolated"] + ["interpolated"]
     return copy_descriptor(a, tags, module)
 

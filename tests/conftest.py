@@ -33,6 +33,18 @@ def _seed_rngs():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test, restored after. Modules of tiny models use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``: on a shared, loaded CPU two threads wait on
+    each other at every op (convolutions up to ~20x slower), small models gain nothing from a second
+    thread, and results do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_weights() -> Path:
     if not WEIGHTS.is_dir():
         pytest.skip(f"shared weights not found at {WEIGHTS}")

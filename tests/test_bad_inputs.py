@@ -31,19 +31,13 @@ import archs
 import crafted
 from packutil import pack  # noqa: F401  (session fixture: the pack imported the way ComfyUI does)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 30.0  # generous (a shared, loaded CI machine): cases take milliseconds; this only catches a runaway build
 MIB = 1 << 20
 
 CRAFTED = crafted.crafted_cases()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _refused(load, path, expected: str):

@@ -23,15 +23,10 @@ from archs.eimn import EIMN
 from archs.lamnet import LAMNet
 from testutil import perturbed
 
-pytestmark = pytest.mark.skipif(not onednn.available(torch.zeros(1)), reason="oneDNN is not available in this torch")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(not onednn.available(torch.zeros(1)), reason="oneDNN is not available in this torch"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def eimn(seed: int = 1, **kw) -> EIMN:

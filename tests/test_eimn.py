@@ -19,18 +19,10 @@ from testutil import assert_round_trip
 from training.metrics import evaluate_pairs, set5_pairs
 from testutil import spandrel_builtins
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURES = Path(__file__).parent / "fixtures" / "eimn"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared, loaded CPU, two intra-op threads make these convolutions ~20x slower than one
-    # (threads wait on each other at every op); small models gain nothing from a second thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def randomized(model: EIMN) -> EIMN:

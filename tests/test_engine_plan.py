@@ -100,6 +100,33 @@ def test_auto_precision_on_cpu_picks_bf16_only_for_listed_families_with_native_b
     assert engine.resolve_precision("fp32", flexnet, cpu) == torch.float32
 
 
+def test_auto_precision_on_cpu_follows_the_measured_family_list(pack, monkeypatch):
+    """Every FlexSR family runs "auto" in bf16 on a native-bf16 CPU exactly when CPU_BF16_FAMILIES lists it,
+    a listed family really runs in bf16 through the engine (close to its fp32 output), and the list names
+    only families that exist and support bf16 (a misspelt id would silently keep a family in fp32)."""
+    from crafted import tiny_models
+
+    engine = pack.nodes.engine
+    cpu = torch.device("cpu")
+    models = {name: pack.archs.load_model(m.state_dict()) for name, m in tiny_models().items()}
+    ids = {m.architecture.id for m in models.values()}
+    assert engine.CPU_BF16_FAMILIES <= ids, engine.CPU_BF16_FAMILIES - ids
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    image = torch.rand(1, 16, 16, 3)
+    for name, model in models.items():
+        listed = model.architecture.id in engine.CPU_BF16_FAMILIES
+        assert not listed or model.supports_bfloat16, name
+        want = torch.bfloat16 if listed else torch.float32
+        assert engine.resolve_precision("auto", model, cpu) == want, name
+        if listed:
+            out, report = engine.upscale_image(model, image, device="cpu")
+            ref, _ = engine.upscale_image(model, image, device="cpu", precision="fp32")
+            assert report.precision == "bf16", (name, report.precision)
+            assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.1, name
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert all(engine.resolve_precision("auto", m, cpu) == torch.float32 for m in models.values())
+
+
 def test_native_bf16_detection_agrees_with_the_cpu_flags(pack):
     engine = pack.nodes.engine
     try:

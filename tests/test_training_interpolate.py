@@ -107,3 +107,30 @@ def test_refusals_leave_no_file(tmp_path):
     assert not (tmp_path / "d.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "e.safetensors",
                                                           "keep.safetensors"]
+
+
+def test_the_library_checks_architecture_scale_and_channels_once_for_every_caller(tmp_path):
+    """The file tool refuses what the library refuses, with the library's InterpolationError naming it."""
+    from spandrel.architectures.Compact import Compact
+
+    def compact(scale: int, channels: int = 3):
+        return archs.load_model(Compact(num_in_ch=channels, num_out_ch=channels, num_feat=8, num_conv=1,
+                                        upscale=scale).state_dict())
+
+    a = compact(2)
+    with pytest.raises(archs.InterpolationError, match="A upscales x2, B x4"):
+        archs.interpolate_descriptors(a, compact(4), 0.5)
+    with pytest.raises(archs.InterpolationError, match="A maps 3 to 3 channels, B 1 to 1"):
+        archs.interpolate_descriptors(a, compact(2, channels=1), 0.5)
+    with pytest.raises(archs.InterpolationError, match="one architecture"):
+        archs.interpolate_descriptors(a, archs.load_model(_flexnet(0).state_dict()), 0.5)
+    mixed = archs.interpolate_descriptors(a, compact(2), 0.0)
+    assert type(mixed) is type(a.model) and mixed is not a.model
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in mixed.state_dict().items())
+    pa = export_safetensors(_flexnet(0), tmp_path / "a.safetensors")
+    torch.manual_seed(1)
+    p4 = export_safetensors(archs.FlexNet(dim=16, num_blocks=(1, 1), window_size=8, scale=4).eval(),
+                            tmp_path / "b4.safetensors")
+    with pytest.raises(InterpolationError, match="a.safetensors upscales x2, b4.safetensors x4"):
+        interpolate_files(pa, p4, 0.5, tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()

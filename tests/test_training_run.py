@@ -24,6 +24,8 @@ from training import finetune
 from training.checkpoint import load_checkpoint, read_jsonl
 from training.models import available_presets, build_preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Tiny configurations by --arch name, one or more per family (families land over time; absent ones skip).
@@ -42,15 +44,6 @@ TINY_RUN = [
     "--synthetic-count", "2", "--synthetic-size", "24", "--synthetic-val-count", "1", "--synthetic-val-size", "16",
     "--val-every", "0", "--save-every", "0", "--threads", "1", "--no-progress", "--no-tensorboard",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny models run fastest so, and results do not depend on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_args(arch: str, out: Path, *extra: str) -> list[str]:

@@ -17,6 +17,8 @@ from archs.blocks import pad_to_multiple
 from archs.discriminator import DISCRIMINATOR_DEFAULTS, make_discriminator
 from archs.errors import BadImageError, IncompatibleWeightsError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURES = Path(__file__).parent / "fixtures" / "vit_flax"
 FLAX_CONFIGS = json.loads((FIXTURES / "configs.json").read_text())
 MODULES = {"ViT": vit, "CaiT": cait, "CrossViT": cross_vit, "CrossFormer": crossformer}
@@ -70,15 +72,6 @@ README_CONFIGS = {
         55_133_136,
     ),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(name: str, **changes) -> nn.Module:

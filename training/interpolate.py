@@ -42,16 +42,10 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
     if out.resolve() in (path_a.resolve(), path_b.resolve()):
         raise InterpolationError("the output must not be one of the inputs")
     da, db = archs.load_model(path_a), archs.load_model(path_b)
-    ma, mb = da.model, db.model
-    if type(ma) is not type(mb):
-        raise InterpolationError(f"{path_a.name} is a {type(ma).__name__}, {path_b.name} a {type(mb).__name__}: "
-                                 "only models of one architecture can be blended")
-    if da.scale != db.scale:
-        raise InterpolationError(f"{path_a.name} upscales x{da.scale}, {path_b.name} x{db.scale}")
-    mixed = archs.interpolate_models(ma, mb, alpha, (path_a.name, path_b.name))
+    mixed = archs.interpolate_descriptors(da, db, alpha, (path_a.name, path_b.name))
     meta = lineage(path_b, "b")
     meta.update({
-        "flexsr_architecture": type(ma).__name__,
+        "flexsr_architecture": type(mixed).__name__,
         "scale": str(da.scale),
         "interpolation": f"(1 - alpha) * A + alpha * B, alpha = {alpha:g}",
         **lineage(path_a, "a"),
