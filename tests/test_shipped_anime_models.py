@@ -18,6 +18,7 @@ from training.imresize import imresize
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SET14 = SHARED / "data" / "Set14"
 SHIPPED = {"FlexSR_anime_x2.safetensors": 2, "FlexSR_anime_x4.safetensors": 4}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -52,7 +53,6 @@ def test_shipped_model_beats_bicubic_on_set14(name):
         pytest.skip(f"Set14 not found at {SET14}")
     scale = SHIPPED[name]
     model = archs.load_model(MODELS / name).model.eval()
-    torch.set_num_threads(1)
     gains = []
     for image in ("comic", "baboon"):  # drawn art and fine texture; small enough for one CPU thread
         hr = load_image(SET14 / "GTmod12" / f"{image}.png").unsqueeze(0)
