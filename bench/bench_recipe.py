@@ -3,6 +3,7 @@
     python -m training.art build data/art                       # once (see training/art.py)
     python bench/bench_recipe.py --data data/art/train --val data/art/val [--steps 600] \\
         [--curves runs/FlexSR_anime_x2 runs/FlexSR_anime_x4]
+    python bench/bench_recipe.py --curves runs/FlexSR_anime_x2     # only the learning curves
 
 Each arm trains the same model from the same seed on the same batches (batch k is a pure function of
 the seed) for the same number of steps; only the loss differs:
@@ -80,10 +81,20 @@ def side_by_side(models: dict[str, Path], pairs, scale: int, path: Path, count: 
     return path
 
 
+def print_curves(run_dirs, results: dict) -> None:
+    """Print (and keep in ``results``) the held-out learning curve of each training run folder."""
+    for run_dir in map(Path, run_dirs):
+        curve = learning_curve(run_dir)
+        results.setdefault("curves", {})[str(run_dir)] = curve
+        print(f"\nheld-out learning curve of {run_dir} ({len(curve)} points): step, Y-PSNR, gain over bicubic")
+        for r in curve:
+            print(f"  {r['step']:>6} {r['psnr']:>9.3f} {r['gain_db']:>+8.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", nargs="+", required=True, help="training folders (e.g. the art set's train split)")
-    ap.add_argument("--val", required=True, help="held-out folder (e.g. the art set's val split)")
+    ap.add_argument("--data", nargs="+", help="training folders (e.g. the art set's train split)")
+    ap.add_argument("--val", help="held-out folder (e.g. the art set's val split)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--arch", default="FlexNet")
@@ -101,6 +112,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
+    if not (a.data and a.val):
+        if not a.curves:
+            ap.error("--data and --val are needed to run the arms (or give only --curves RUN_DIR ...)")
+        print_curves(a.curves, {})  # only the learning curves of earlier runs
+        return
     model_args = ["--pretrained", a.pretrained] if a.pretrained else ["--arch", a.arch, "--arch-args", a.arch_args]
     common = [*model_args, "--scale", str(a.scale), "--data", *a.data, "--steps", str(a.steps), "--seed", str(a.seed),
               "--threads", str(a.threads), "--val-every", "0", "--save-every", "0", "--no-progress", "--overwrite",
@@ -133,12 +149,7 @@ def main() -> None:
         print(f"PSNR cost of the GAN loss: {g['psnr'] - e['psnr']:+.3f} dB overall, {g['edge_psnr'] - e['edge_psnr']:+.3f} dB on edges")
     png = side_by_side(models, pairs, a.scale, out / "recipe_side_by_side.png")
     print(f"side-by-side (HR | bicubic | {' | '.join(models)}): {png}")
-    for run_dir in map(Path, a.curves):
-        curve = learning_curve(run_dir)
-        results.setdefault("curves", {})[str(run_dir)] = curve
-        print(f"\nheld-out learning curve of {run_dir} ({len(curve)} points): step, Y-PSNR, gain over bicubic")
-        for r in curve:
-            print(f"  {r['step']:>6} {r['psnr']:>9.3f} {r['gain_db']:>+8.3f}")
+    print_curves(a.curves, results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {out / 'results.json'}")
