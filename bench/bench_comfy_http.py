@@ -56,7 +56,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PACK = Path(__file__).resolve().parents[1]
+from comfy_server import PACK, check_comfyui, comfyui_server, pack_in_custom_nodes  # noqa: E402 - bench/ is on sys.path
+
 DEFAULT_IMAGE = PACK.parent / "shared" / "data" / "Set14" / "GTmod12" / "baboon.png"
 
 
@@ -332,87 +333,71 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="keep ComfyUI's log and the scratch folder here")
     args = ap.parse_args()
 
-    comfy = args.comfy.resolve()
-    if not (comfy / "main.py").is_file():
-        raise SystemExit(f"{comfy} holds no main.py: --comfy must be a ComfyUI checkout")
+    comfy = check_comfyui(args.comfy)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     repeats = parse_repeats(args.repeats, sizes)
     scratch = Path(tempfile.mkdtemp(prefix="flexsr_bench_comfy_"))
-    for sub in ("input", "output", "temp"):
-        (scratch / sub).mkdir()
+    folders = {sub: scratch / sub for sub in ("input", "output", "temp")}
+    for folder in folders.values():
+        folder.mkdir()
     models_dir = comfy / "models" / "upscale_models"
     models_dir.mkdir(parents=True, exist_ok=True)
-    link = comfy / "custom_nodes" / "FlexSR_bench"
-    made_link = False
-    if not any((comfy / "custom_nodes" / n).resolve() == PACK for n in os.listdir(comfy / "custom_nodes")):
-        link.symlink_to(PACK, target_is_directory=True)
-        made_link = True
     models = write_models(models_dir, [m for m in args.models.split(",") if m], args.seed)
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     log_path = scratch / "comfyui.log"
-    cmd = [args.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port),
-           "--disable-auto-launch", "--input-directory", str(scratch / "input"),
-           "--output-directory", str(scratch / "output"), "--temp-directory", str(scratch / "temp")]
-    print("ComfyUI:", " ".join(cmd), f"(OMP_NUM_THREADS={args.threads}, nice {os.nice(0)})", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = Comfy(args.port, proc.pid)
+    client = None
     records = []
     try:
-        client.wait(proc, 300)
-        for node in ("FlexSRUpscaleImage", "ImageUpscaleWithModel"):
-            if node not in client.object_info(node):
-                raise RuntimeError(f"ComfyUI does not know {node}; is the pack loaded? see {log_path}")
-        base = base_image(args.image)
-        picture = args.image.name if args.image and args.image.is_file() else "a drawn pattern"
-        print(f"inputs: {picture}, resized, ±2 levels of seeded noise per run", flush=True)
-        counter = 0
+        with pack_in_custom_nodes(comfy, "FlexSR_bench"), \
+                comfyui_server(comfy, args.python, args.port, log_path, args.threads, folders) as proc:
+            print("ComfyUI:", " ".join(proc.args), f"(OMP_NUM_THREADS={args.threads}, nice {os.nice(0)})",
+                  flush=True)
+            client = Comfy(args.port, proc.pid)
+            client.wait(proc, 300)
+            for node in ("FlexSRUpscaleImage", "ImageUpscaleWithModel"):
+                if node not in client.object_info(node):
+                    raise RuntimeError(f"ComfyUI does not know {node}; is the pack loaded? see {log_path}")
+            base = base_image(args.image)
+            picture = args.image.name if args.image and args.image.is_file() else "a drawn pattern"
+            print(f"inputs: {picture}, resized, ±2 levels of seeded noise per run", flush=True)
+            counter = 0
 
-        def run_pair(key: str, size: int, timed: bool) -> dict:
-            nonlocal counter
-            counter += 1
-            name = f"bench_{key}_{size}_{counter}.png"
-            make_input(base, size, args.seed * 100_000 + counter).save(scratch / "input" / name)
-            prompt = build_prompt(models[key]["file"], name)
-            row = {"model": key, "size": size, "timed": timed, "image": name}
-            outputs = {}
-            order = list(CHAINS) if counter % 2 else list(CHAINS)[::-1]  # A B, B A, A B, ...
-            for chain in order:
-                node, preview = CHAINS[chain]
-                r = client.run(prompt, preview, args.timeout)
-                ui = r["history"]["outputs"]
-                wall, cpu = r["spans"][node]
-                row[chain] = {"node_cpu_s": cpu, "node_s": wall, "wall_s": r["wall"], "load": os.getloadavg()[0]}
-                if chain == "pack":
-                    row["plan"] = "\n".join((ui.get(node) or {}).get("flexsr_plan", []))
-                outputs[chain] = client.image(ui[preview]["images"][0])
-            row["psnr"] = psnr(outputs["built-in"], outputs["pack"])
-            row["shape"] = list(outputs["pack"].shape)
-            shown = " ".join(f"{c} {row[c]['node_cpu_s']:.2f} s CPU ({row[c]['node_s']:.2f} s wall)" for c in CHAINS)
-            print(f"  {key} {size}² {'timed ' if timed else 'warm-up'} {shown} ratio "
-                  f"{row['built-in']['node_cpu_s'] / row['pack']['node_cpu_s']:.3f} PSNR {row['psnr']:.1f} dB "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
-            records.append(row)
-            return row
+            def run_pair(key: str, size: int, timed: bool) -> dict:
+                nonlocal counter
+                counter += 1
+                name = f"bench_{key}_{size}_{counter}.png"
+                make_input(base, size, args.seed * 100_000 + counter).save(scratch / "input" / name)
+                prompt = build_prompt(models[key]["file"], name)
+                row = {"model": key, "size": size, "timed": timed, "image": name}
+                outputs = {}
+                order = list(CHAINS) if counter % 2 else list(CHAINS)[::-1]  # A B, B A, A B, ...
+                for chain in order:
+                    node, preview = CHAINS[chain]
+                    r = client.run(prompt, preview, args.timeout)
+                    ui = r["history"]["outputs"]
+                    wall, cpu = r["spans"][node]
+                    row[chain] = {"node_cpu_s": cpu, "node_s": wall, "wall_s": r["wall"], "load": os.getloadavg()[0]}
+                    if chain == "pack":
+                        row["plan"] = "\n".join((ui.get(node) or {}).get("flexsr_plan", []))
+                    outputs[chain] = client.image(ui[preview]["images"][0])
+                row["psnr"] = psnr(outputs["built-in"], outputs["pack"])
+                row["shape"] = list(outputs["pack"].shape)
+                shown = " ".join(f"{c} {row[c]['node_cpu_s']:.2f} s CPU ({row[c]['node_s']:.2f} s wall)" for c in CHAINS)
+                print(f"  {key} {size}² {'timed ' if timed else 'warm-up'} {shown} ratio "
+                      f"{row['built-in']['node_cpu_s'] / row['pack']['node_cpu_s']:.3f} PSNR {row['psnr']:.1f} dB "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                records.append(row)
+                return row
 
-        for key in models:
-            run_pair(key, min(sizes), timed=False)
-            for size in sizes:
-                for _ in range(repeats[size]):
-                    run_pair(key, size, timed=True)
+            for key in models:
+                run_pair(key, min(sizes), timed=False)
+                for size in sizes:
+                    for _ in range(repeats[size]):
+                        run_pair(key, size, timed=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if client.ws:
+        if client and client.ws:
             client.ws.close()
         for info in models.values():
             (models_dir / info["file"]).unlink(missing_ok=True)
-        if made_link:
-            link.unlink()
         if args.keep:
             shutil.copytree(scratch, args.keep, dirs_exist_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)

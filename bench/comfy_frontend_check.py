@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-PACK = Path(__file__).resolve().parents[1]
+from comfy_server import PACK, check_comfyui, comfyui_server, pack_in_custom_nodes, wait_http  # noqa: E402
+
 TEMPLATES = sorted(p.stem for p in (PACK / "example_workflows").glob("*.json"))
 PANEL_JS = """() => {
   const out = {};
@@ -75,26 +73,6 @@ class Check:
         if not ok:
             self.failures.append(what)
         return ok
-
-
-def wait_http(url: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"ComfyUI did not answer at {url} within {timeout:.0f} s")
-
-
-def start_comfyui(comfy: Path, python: str, port: int, out: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    log = open(out / "comfyui.log", "w")
-    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--output-directory", str(out / "output")]
-    return subprocess.Popen(cmd, cwd=comfy, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 class Session:
@@ -189,162 +167,152 @@ def check_rgba_output(check: Check, base: str, events: list) -> None:
 def run(args) -> int:
     from playwright.sync_api import sync_playwright
 
-    comfy = Path(args.comfyui).resolve()
+    comfy = check_comfyui(Path(args.comfyui))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    link = comfy / "custom_nodes" / "FlexSR-frontend-check"
-    made_link = False
-    if not any((p.resolve() == PACK) for p in (comfy / "custom_nodes").iterdir() if p.is_dir()):
-        link.symlink_to(PACK, target_is_directory=True)
-        made_link = True
     saved_model = comfy / "models" / "upscale_models" / "flexsr_fused.safetensors"
     had_saved = saved_model.exists()
     check = Check()
-    server = start_comfyui(comfy, args.python, args.port, out)
     base = f"http://127.0.0.1:{args.port}"
     try:
-        wait_http(base + "/system_stats", 240)
-        templates = json.loads(urllib.request.urlopen(base + "/api/workflow_templates").read())
-        names = next((v for k, v in templates.items() if Path(k).name.startswith("FlexSR") or k == link.name
-                      or PACK.name in k), None)
-        pack_key = next((k for k, v in templates.items() if v is names), None)
-        check(sorted(names or []) == TEMPLATES, f"ComfyUI lists the templates {sorted(names or [])}")
-        info = json.loads(urllib.request.urlopen(
-            base + "/flexsr/model_info?name=FlexSR_default_x2.safetensors").read())
-        check("architecture:" in info.get("info", ""), "GET /flexsr/model_info answers")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=args.chromium, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-            page = browser.new_page(viewport={"width": 1600, "height": 900})
-            console: list[str] = []
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error",) else None)
-            responses: list[tuple[str, int]] = []
-            page.on("response", lambda r: responses.append((r.url, r.status)))
-            s = Session(page, base, out)
-            s.pack_key = pack_key or "FlexSR"  # the pack's folder name under custom_nodes
-            s.open()
-            for name in TEMPLATES:
-                if name == "fuse_and_save_model" and saved_model.exists():
-                    saved_model.unlink()
-                s.load_template(name)
-                s.shot(f"{name}_loaded")
-                first = s.panels()
-                check("FlexSRLoadUpscaleModel" in first and "architecture:" in first["FlexSRLoadUpscaleModel"]["text"],
-                      f"{name} loaded: the loader shows the model's info before any run")
+        with pack_in_custom_nodes(comfy, "FlexSR-frontend-check") as link, \
+                comfyui_server(comfy, args.python, args.port, out / "comfyui.log",
+                               folders={"output": out / "output"}) as server:
+            wait_http(base + "/system_stats", 240, server)
+            templates = json.loads(urllib.request.urlopen(base + "/api/workflow_templates").read())
+            names = next((v for k, v in templates.items() if Path(k).name.startswith("FlexSR") or k == link.name
+                          or PACK.name in k), None)
+            pack_key = next((k for k, v in templates.items() if v is names), None)
+            check(sorted(names or []) == TEMPLATES, f"ComfyUI lists the templates {sorted(names or [])}")
+            info = json.loads(urllib.request.urlopen(
+                base + "/flexsr/model_info?name=FlexSR_default_x2.safetensors").read())
+            check("architecture:" in info.get("info", ""), "GET /flexsr/model_info answers")
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=args.chromium, headless=True,
+                                            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+                page = browser.new_page(viewport={"width": 1600, "height": 900})
+                console: list[str] = []
+                page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error",) else None)
+                responses: list[tuple[str, int]] = []
+                page.on("response", lambda r: responses.append((r.url, r.status)))
+                s = Session(page, base, out)
+                s.pack_key = pack_key or "FlexSR"  # the pack's folder name under custom_nodes
+                s.open()
+                for name in TEMPLATES:
+                    if name == "fuse_and_save_model" and saved_model.exists():
+                        saved_model.unlink()
+                    s.load_template(name)
+                    s.shot(f"{name}_loaded")
+                    first = s.panels()
+                    check("FlexSRLoadUpscaleModel" in first and "architecture:" in first["FlexSRLoadUpscaleModel"]["text"],
+                          f"{name} loaded: the loader shows the model's info before any run")
+                    events = s.queue()
+                    check(outcome(events) == "execution_success", f"{name}: the run succeeds ({outcome(events)})")
+                    s.shot(f"{name}_ran")
+                    if name == "upscale_rgba_with_mask":
+                        check_rgba_output(check, base, events)
+                    check_panels(check, s.panels(), name, "after the run")
+                    s.reload()
+                    s.shot(f"{name}_reloaded")
+                    check_panels(check, s.panels(), name, "after a page reload")
+                    events = s.queue()
+                    cached = [str(i) for e in events if e["type"] == "execution_cached" for i in e["detail"]["nodes"]]
+                    check(outcome(events) == "execution_success" and len(cached) >= 2,
+                          f"{name}: the second run is served from the cache (cached nodes {cached})")
+                    s.shot(f"{name}_cached")
+                    check_panels(check, s.panels(), name, "after a cached run")
+                    check.facts.setdefault("panels", {})[name] = s.panels()
+
+                # a failed save: the panel shows the failure, not the earlier success
+                s.load_template("fuse_and_save_model")
                 events = s.queue()
-                check(outcome(events) == "execution_success", f"{name}: the run succeeds ({outcome(events)})")
-                s.shot(f"{name}_ran")
-                if name == "upscale_rgba_with_mask":
-                    check_rgba_output(check, base, events)
-                check_panels(check, s.panels(), name, "after the run")
-                s.reload()
-                s.shot(f"{name}_reloaded")
-                check_panels(check, s.panels(), name, "after a page reload")
-                events = s.queue()
-                cached = [str(i) for e in events if e["type"] == "execution_cached" for i in e["detail"]["nodes"]]
-                check(outcome(events) == "execution_success" and len(cached) >= 2,
-                      f"{name}: the second run is served from the cache (cached nodes {cached})")
-                s.shot(f"{name}_cached")
-                check_panels(check, s.panels(), name, "after a cached run")
-                check.facts.setdefault("panels", {})[name] = s.panels()
+                errors = [e["detail"] for e in events if e["type"] == "execution_error"]
+                save_panel = s.panels().get("FlexSRSaveUpscaleModel", {})
+                s.shot("save_failed_dialog")
+                page.keyboard.press("Escape")  # ComfyUI's error dialog
+                page.wait_for_timeout(500)
+                check(bool(errors) and "ModelExistsError" in errors[0].get("exception_type", "")
+                      and "/" not in errors[0].get("exception_type", ""),
+                      f"the repeated save fails with a plain error type ({errors[0].get('exception_type') if errors else None})")
+                check(save_panel.get("state") == "error" and "already exists" in save_panel.get("text", ""),
+                      f"the Save node's panel shows the failure ({save_panel.get('text', '')[:60]!r})")
+                s.shot("save_failed")
 
-            # a failed save: the panel shows the failure, not the earlier success
-            s.load_template("fuse_and_save_model")
-            events = s.queue()
-            errors = [e["detail"] for e in events if e["type"] == "execution_error"]
-            save_panel = s.panels().get("FlexSRSaveUpscaleModel", {})
-            s.shot("save_failed_dialog")
-            page.keyboard.press("Escape")  # ComfyUI's error dialog
-            page.wait_for_timeout(500)
-            check(bool(errors) and "ModelExistsError" in errors[0].get("exception_type", "")
-                  and "/" not in errors[0].get("exception_type", ""),
-                  f"the repeated save fails with a plain error type ({errors[0].get('exception_type') if errors else None})")
-            check(save_panel.get("state") == "error" and "already exists" in save_panel.get("text", ""),
-                  f"the Save node's panel shows the failure ({save_panel.get('text', '')[:60]!r})")
-            s.shot("save_failed")
+                # progress cadence and cancel latency on a long run
+                s.load_template("upscale_image")
+                page.evaluate("""(model) => {
+                    const node = window.app.graph._nodes.find((n) => n.type === "FlexSRUpscaleImage");
+                    node.widgets.find((w) => w.name === "target_scale").value = 4.0;
+                    if (model) {
+                      const loader = window.app.graph._nodes.find((n) => n.type === "FlexSRLoadUpscaleModel");
+                      const w = loader.widgets.find((w) => w.name === "model_name");
+                      w.value = model;
+                      w.callback?.(model);
+                    }
+                }""", args.long_model)
+                check.facts["long_run_model"] = args.long_model or "the template's"
+                page.evaluate("() => { window.flexsrEvents = []; }")
+                page.evaluate("() => window.app.queuePrompt(0, 1)")
+                page.wait_for_function("""() => window.flexsrEvents.some((e) => e.type === 'executing' &&
+                    String(e.detail) === String(window.app.graph._nodes.find((n) => n.type === 'FlexSRUpscaleImage').id))""",
+                                       timeout=300_000)
+                page.wait_for_timeout(args.run_seconds * 1000)
+                s.shot("upscale_running")
+                running = s.panels().get("FlexSRUpscaleImage", {})
+                check(running.get("state") == "busy", "the upscale node's panel says 'running…' while it runs")
+                pressed = page.evaluate("async () => { const t = performance.now(); "
+                                        "await window.comfyAPI.api.api.interrupt(null); return t; }")
+                page.wait_for_function("() => window.flexsrEvents.some((e) => ['execution_interrupted', "
+                                       "'execution_success', 'execution_error'].includes(e.type))", timeout=120_000)
+                events = page.evaluate("() => window.flexsrEvents")
+                stop = next(e for e in events if e["type"] in ("execution_interrupted", "execution_success", "execution_error"))
+                upscaler_id = page.evaluate("() => String(window.app.graph._nodes.find((n) => n.type === 'FlexSRUpscaleImage').id)")
+                start = next(e["t"] for e in events if e["type"] == "executing" and str(e["detail"]) == upscaler_id)
+                ticks = [start] + [e["t"] for e in events if e["type"] == "progress"
+                                   and str(e["detail"].get("node")) == upscaler_id and e["t"] < pressed]
+                gaps = [(b - a) / 1000 for a, b in zip(ticks, ticks[1:])]
+                latency = (stop["t"] - pressed) / 1000
+                check.facts.update(progress_messages=len(ticks) - 1, largest_progress_gap_s=round(max(gaps or [0]), 2),
+                                   first_progress_after_s=round(gaps[0], 2) if gaps else None,
+                                   largest_gap_after_the_first_s=round(max(gaps[1:] or [0]), 2),
+                                   ran_before_cancel_s=round((pressed - start) / 1000, 1),
+                                   cancel_latency_s=round(latency, 2), stopped_by=stop["type"])
+                check(len(ticks) > 3 and max(gaps) <= 1.0,
+                      f"progress: {len(ticks) - 1} messages in {(pressed - start) / 1000:.1f} s, largest gap {max(gaps or [0]):.2f} s")
+                check(stop["type"] == "execution_interrupted" and latency <= 2.0, f"cancel took {latency:.2f} s ({stop['type']})")
+                page.wait_for_timeout(800)
+                s.shot("upscale_cancelled")
+                cancelled = s.panels().get("FlexSRUpscaleImage", {})
+                check(cancelled.get("text") == "cancelled", f"after Cancel the upscale node's panel says {cancelled.get('text')!r}")
 
-            # progress cadence and cancel latency on a long run
-            s.load_template("upscale_image")
-            page.evaluate("""(model) => {
-                const node = window.app.graph._nodes.find((n) => n.type === "FlexSRUpscaleImage");
-                node.widgets.find((w) => w.name === "target_scale").value = 4.0;
-                if (model) {
-                  const loader = window.app.graph._nodes.find((n) => n.type === "FlexSRLoadUpscaleModel");
-                  const w = loader.widgets.find((w) => w.name === "model_name");
-                  w.value = model;
-                  w.callback?.(model);
-                }
-            }""", args.long_model)
-            check.facts["long_run_model"] = args.long_model or "the template's"
-            page.evaluate("() => { window.flexsrEvents = []; }")
-            page.evaluate("() => window.app.queuePrompt(0, 1)")
-            page.wait_for_function("""() => window.flexsrEvents.some((e) => e.type === 'executing' &&
-                String(e.detail) === String(window.app.graph._nodes.find((n) => n.type === 'FlexSRUpscaleImage').id))""",
-                                   timeout=300_000)
-            page.wait_for_timeout(args.run_seconds * 1000)
-            s.shot("upscale_running")
-            running = s.panels().get("FlexSRUpscaleImage", {})
-            check(running.get("state") == "busy", "the upscale node's panel says 'running…' while it runs")
-            pressed = page.evaluate("async () => { const t = performance.now(); "
-                                    "await window.comfyAPI.api.api.interrupt(null); return t; }")
-            page.wait_for_function("() => window.flexsrEvents.some((e) => ['execution_interrupted', "
-                                   "'execution_success', 'execution_error'].includes(e.type))", timeout=120_000)
-            events = page.evaluate("() => window.flexsrEvents")
-            stop = next(e for e in events if e["type"] in ("execution_interrupted", "execution_success", "execution_error"))
-            upscaler_id = page.evaluate("() => String(window.app.graph._nodes.find((n) => n.type === 'FlexSRUpscaleImage').id)")
-            start = next(e["t"] for e in events if e["type"] == "executing" and str(e["detail"]) == upscaler_id)
-            ticks = [start] + [e["t"] for e in events if e["type"] == "progress"
-                               and str(e["detail"].get("node")) == upscaler_id and e["t"] < pressed]
-            gaps = [(b - a) / 1000 for a, b in zip(ticks, ticks[1:])]
-            latency = (stop["t"] - pressed) / 1000
-            check.facts.update(progress_messages=len(ticks) - 1, largest_progress_gap_s=round(max(gaps or [0]), 2),
-                               first_progress_after_s=round(gaps[0], 2) if gaps else None,
-                               largest_gap_after_the_first_s=round(max(gaps[1:] or [0]), 2),
-                               ran_before_cancel_s=round((pressed - start) / 1000, 1),
-                               cancel_latency_s=round(latency, 2), stopped_by=stop["type"])
-            check(len(ticks) > 3 and max(gaps) <= 1.0,
-                  f"progress: {len(ticks) - 1} messages in {(pressed - start) / 1000:.1f} s, largest gap {max(gaps or [0]):.2f} s")
-            check(stop["type"] == "execution_interrupted" and latency <= 2.0, f"cancel took {latency:.2f} s ({stop['type']})")
-            page.wait_for_timeout(800)
-            s.shot("upscale_cancelled")
-            cancelled = s.panels().get("FlexSRUpscaleImage", {})
-            check(cancelled.get("text") == "cancelled", f"after Cancel the upscale node's panel says {cancelled.get('text')!r}")
-
-            # the template browser
-            page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-            page.wait_for_timeout(2500)
-            dialog = page.locator("[role=dialog]").last
-            for label in dict.fromkeys([pack_key or "FlexSR", "FlexSR", link.name]):
-                try:  # the pack's entry in the browser's side bar
-                    dialog.get_by_text(label, exact=True).first.click(timeout=5000)
-                    break
-                except Exception:
-                    continue
-            page.wait_for_timeout(2500)
-            s.shot("template_browser")
-            # the browser fetches each thumbnail, then shows it from a blob: URL
-            thumbs = {n: [status for url, status in responses if "/workflow_templates/" in url and url.endswith(f"/{n}.jpg")]
-                      for n in TEMPLATES}
-            shown = page.evaluate("() => [...document.querySelectorAll('img')].filter((i) => i.complete && "
-                                  "i.naturalWidth > 0).length")
-            check.facts["thumbnails"] = {"fetched": thumbs, "images_shown": shown,
-                                         "requests": sorted({u for u, _ in responses if "template" in u})}
-            ok = [n for n, statuses in thumbs.items() if 200 in statuses]
-            check(len(ok) == len(TEMPLATES) and shown >= len(TEMPLATES),
-                  f"the template browser fetched {len(ok)} of {len(TEMPLATES)} thumbnails, {shown} images shown")
-            check.facts["http_errors"] = sorted({f"{status} {url}" for url, status in responses if status >= 400})
-            flexsr_console = [c for c in console if "flexsr" in c.lower()]
-            check.facts["console_errors"] = console
-            check(not flexsr_console, f"no console errors from the pack ({len(console)} console errors in all)")
-            browser.close()
+                # the template browser
+                page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+                page.wait_for_timeout(2500)
+                dialog = page.locator("[role=dialog]").last
+                for label in dict.fromkeys([pack_key or "FlexSR", "FlexSR", link.name]):
+                    try:  # the pack's entry in the browser's side bar
+                        dialog.get_by_text(label, exact=True).first.click(timeout=5000)
+                        break
+                    except Exception:
+                        continue
+                page.wait_for_timeout(2500)
+                s.shot("template_browser")
+                # the browser fetches each thumbnail, then shows it from a blob: URL
+                thumbs = {n: [status for url, status in responses if "/workflow_templates/" in url and url.endswith(f"/{n}.jpg")]
+                          for n in TEMPLATES}
+                shown = page.evaluate("() => [...document.querySelectorAll('img')].filter((i) => i.complete && "
+                                      "i.naturalWidth > 0).length")
+                check.facts["thumbnails"] = {"fetched": thumbs, "images_shown": shown,
+                                             "requests": sorted({u for u, _ in responses if "template" in u})}
+                ok = [n for n, statuses in thumbs.items() if 200 in statuses]
+                check(len(ok) == len(TEMPLATES) and shown >= len(TEMPLATES),
+                      f"the template browser fetched {len(ok)} of {len(TEMPLATES)} thumbnails, {shown} images shown")
+                check.facts["http_errors"] = sorted({f"{status} {url}" for url, status in responses if status >= 400})
+                flexsr_console = [c for c in console if "flexsr" in c.lower()]
+                check.facts["console_errors"] = console
+                check(not flexsr_console, f"no console errors from the pack ({len(console)} console errors in all)")
+                browser.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        if made_link:
-            link.unlink()
         if saved_model.exists() and not had_saved:
             saved_model.unlink()
     check.facts["failures"] = check.failures
