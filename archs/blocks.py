@@ -76,16 +76,26 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 _ONEDNN_MIN_MACS = 1 << 20
 
 
-def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
-    """``F.linear(x, weight, bias)``, followed by exact GELU when ``gelu``: for inference forms only.
+#: Activations oneDNN fuses into its matmul (``act`` of :func:`fast_linear`), with their in-place fallbacks.
+_FALLBACK_ACT = {"gelu": torch.ops.aten.gelu_, "relu": torch.relu_, "sigmoid": torch.sigmoid_}
+
+
+def fast_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False, act: str = "none"
+) -> Tensor:
+    """``F.linear(x, weight, bias)``, followed by ``act`` (``"gelu"`` (exact; also ``gelu=True``),
+    ``"relu"``, ``"sigmoid"`` or ``"none"``): for inference forms only.
 
     On a CPU in float32 it runs oneDNN's matmul (the kernel behind PyTorch's CPU convolutions, with the
-    GELU fused into it) instead of the BLAS one behind ``F.linear``: the same numbers to float rounding,
+    activation fused into it) instead of the BLAS one behind ``F.linear``: the same numbers to float rounding,
     measured 1.8x the GEMM throughput of ``F.linear`` on an AVX-512 CPU (``bench/bench_vs_reference.py``).
     Elsewhere (other devices and dtypes, a torch without oneDNN, products too small to gain) it is
-    ``F.linear`` and ``F.gelu``.
+    ``F.linear`` and the activation in place.
     Not differentiable: call it only where autograd is off.
     """
+    act = "gelu" if gelu else act
+    if act != "none" and act not in _FALLBACK_ACT:
+        raise ValueError(f"fast_linear: unknown activation {act!r} (one of none, {', '.join(_FALLBACK_ACT)})")
     if (
         _ONEDNN_LINEAR is not None
         and x.dtype == torch.float32
@@ -96,9 +106,9 @@ def fast_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: boo
     ):
         # a weight with other strides (a column slice) takes a reference path in oneDNN ~500x slower
         weight = weight if weight.is_contiguous() else weight.contiguous()
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return _ONEDNN_LINEAR(x, weight, bias, act, [], "none" if act == "gelu" else "")
     y = F.linear(x, weight, bias)
-    return torch.ops.aten.gelu_(y) if gelu else y
+    return y if act == "none" else _FALLBACK_ACT[act](y)
 
 
 def pad_to_multiple(x: Tensor, multiple: int, mode: str = "reflect") -> Tensor:

@@ -32,7 +32,7 @@ from spandrel import ImageModelDescriptor, StateDict
 from spandrel.util import KeyCondition, get_seq_len, store_hyperparameters
 from torch import Tensor, nn
 
-from .blocks import OmniShift, pad_to_multiple, window_partition, window_reverse
+from .blocks import OmniShift, fast_linear, pad_to_multiple, window_partition, window_reverse
 from .registry import FlexSRArchitecture
 from .reparam import derived, inference_path
 
@@ -85,7 +85,7 @@ class ConvBlock(nn.Module):
         b, c, h, w = x.shape
         tokens = y.permute(0, 2, 3, 1).view(-1, y.shape[1])
         weight = self.conv11.weight.view(y.shape[1], c)
-        tokens.add_(F.linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight, self.conv11.bias))
+        tokens.add_(fast_linear(x.permute(0, 2, 3, 1).reshape(-1, c), weight, self.conv11.bias))
         return y
 
 
@@ -153,8 +153,8 @@ class WindowAttention(nn.Module):
         for i in range(0, nh, step):
             rows = min(step, nh - i)
             windows = image[:, i * ws : (i + rows) * ws].reshape(b, rows, ws, nw, ws, c).transpose(2, 3).reshape(-1, c)
-            qk = F.linear(windows, wqk, bqk)  # [n*t, 2C]
-            v = F.linear(windows, wv, bv).view(-1, t, c)
+            qk = fast_linear(windows, wqk, bqk)  # [n*t, 2C]
+            v = fast_linear(windows, wv, bv).view(-1, t, c)
             n = v.shape[0]
             q, k = qk[:, :c].view(n, t, c), qk[:, c:].view(n, t, c)
             lepe = self.get_v(v.view(n, ws, ws, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, t, c)
@@ -164,7 +164,7 @@ class WindowAttention(nn.Module):
             out = torch.baddbmm(lepe, scores.softmax(-1), v)
             if self.flash_attn:
                 out = out.transpose(1, 2).reshape(n, t, c)
-            out = F.linear(out.view(-1, c), wp, bp)
+            out = fast_linear(out.view(-1, c), wp, bp)
             residual[:, i : i + rows].add_(out.view(b, rows, nw, ws, ws, c).transpose(2, 3))
 
 
@@ -224,11 +224,11 @@ class ChannelMix(nn.Module):
         out = x.view(-1, c)
         for i in range(0, tokens.shape[0], FFN_CHUNK):
             t = tokens[i : i + FFN_CHUNK]
-            k = F.linear(t, self.key.weight).relu_().square_()
+            k = fast_linear(t, self.key.weight, act="relu").square_()
             if norm is not None:
                 k = F.rms_norm(k, norm.normalized_shape, None, norm.eps)
-            r = F.linear(t, self.receptance.weight).sigmoid_()
-            out[i : i + FFN_CHUNK].addcmul_(r, F.linear(k, wv))
+            r = fast_linear(t, self.receptance.weight, act="sigmoid")
+            out[i : i + FFN_CHUNK].addcmul_(r, fast_linear(k, wv))
 
 
 class TransformerBlock(nn.Module):

@@ -169,3 +169,24 @@ def test_fast_linear_falls_back_to_f_linear(monkeypatch):
     assert torch.equal(fast_linear(x, weight, gelu=True), F.gelu(F.linear(x, weight)))
     half = fast_linear(x.bfloat16(), weight.bfloat16())  # other dtypes always take F.linear
     assert half.dtype == torch.bfloat16
+
+
+_ACTS = {"none": lambda t: t, "gelu": F.gelu, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("act", sorted(_ACTS))
+def test_fast_linear_activations(monkeypatch, act, onednn):
+    """Each fused activation (FlexNet's key ReLU and receptance sigmoid) equals F.linear then the activation."""
+    if not onednn:
+        monkeypatch.setattr(blocks, "_ONEDNN_LINEAR", None)
+    g = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(4096, 32, generator=g), torch.randn(64, 32, generator=g) / 5
+    with torch.inference_mode():
+        got = fast_linear(x, weight, None, act=act)
+    assert (got - _ACTS[act](F.linear(x, weight))).abs().max() <= 1e-5
+
+
+def test_fast_linear_rejects_an_unknown_activation():
+    with pytest.raises(ValueError, match="tanh"):
+        fast_linear(torch.randn(4, 8), torch.randn(3, 8), act="tanh")
