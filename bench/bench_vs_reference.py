@@ -1,10 +1,12 @@
-"""LMLT and the DaViT-style SR transformer against their reference implementations, side by side.
+"""FlexNet, LMLT and the DaViT-style SR transformer against their reference implementations, side by side.
 
-    python bench/bench_vs_reference.py --ref-dir DIR [--family lmlt davit] [--sizes 64 128] [--repeats 5]
+    python bench/bench_vs_reference.py --ref-dir DIR [--family flexnet lmlt davit] [--sizes 64 128] [--repeats 5]
 
-``DIR`` holds the reference sources, fetched by you and never part of this repository: jwgdmkj/LMLT's
-``LMLT.py`` and Craap/models' ``modules/attention.py`` (found anywhere below ``DIR`` by those names; a
-checkout of each repository under ``DIR`` works). LMLT's only foreign import,
+``DIR`` holds the reference sources, fetched by you and never part of this repository: umzi2/FlexNet's
+``FlexNet_arch.py``, jwgdmkj/LMLT's ``LMLT.py`` and Craap/models' ``modules/attention.py`` (found anywhere
+below ``DIR`` by those names; a checkout of each repository under ``DIR`` works). FlexNet (linear ×4, the
+defaults) and MetaFlexNet (``pipeline_type="meta"``) run as ``archs.load_model`` returns them (no Fuse
+node), the reference as it runs in eval mode (it fuses its OmniShifts itself). LMLT's only foreign import,
 ``basicsr.utils.registry.ARCH_REGISTRY``, is satisfied by a stub whose ``register()`` returns the class.
 
 For each family, scale and LR size, both models get the same random weights (FlexSR's model is built,
@@ -61,6 +63,11 @@ def reference_lmlt(ref_dir: Path) -> types.ModuleType:
     return _import(_find(ref_dir, "LMLT.py"), "reference_lmlt")
 
 
+def reference_flexnet(ref_dir: Path) -> types.ModuleType:
+    """umzi2/FlexNet ``FlexNet_arch.py`` (torch and einops only)."""
+    return _import(_find(ref_dir, "FlexNet_arch.py"), "reference_flexnet")
+
+
 def reference_davit(ref_dir: Path) -> types.ModuleType:
     """Craap/models ``modules/attention.py``."""
     return _import(_find(ref_dir, "attention.py", parent="modules"), "reference_davit")
@@ -79,6 +86,19 @@ def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def pairs(ref_dir: Path, families: list[str], lmlt_size: str) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
     """(label, reference model, FlexSR model) with the same weights."""
     out = []
+    if "flexnet" in families:
+        import archs
+        from archs.flexnet import FlexNet, MetaFlexNet
+
+        ref = reference_flexnet(ref_dir)
+        meta = {"pipeline_type": "meta", "dim": 48, "num_blocks": (4, 6, 6, 8)}  # the MetaFlexNet preset
+        for label, cls, kwargs in (("FlexNet linear", FlexNet, {}), ("MetaFlexNet", MetaFlexNet, meta)):
+            for scale in (4, 2):
+                built = _perturb(cls(scale=scale), seed=20 + scale)
+                ours = archs.load_model(built.state_dict()).model.eval()  # as loaded: no Fuse node
+                theirs = ref.FlexNet(scale=scale, **kwargs).eval()
+                theirs.load_state_dict(built.state_dict(), strict=True)
+                out.append((f"{label} x{scale}", theirs, ours))
     if "lmlt" in families:
         from archs.lmlt import PRESETS, LMLT
 
@@ -104,7 +124,8 @@ def pairs(ref_dir: Path, families: list[str], lmlt_size: str) -> list[tuple[str,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref-dir", type=Path, required=True, help="folder holding the reference sources")
-    parser.add_argument("--family", nargs="+", choices=("lmlt", "davit"), default=["lmlt", "davit"])
+    parser.add_argument("--family", nargs="+", choices=("flexnet", "lmlt", "davit"),
+                        default=["flexnet", "lmlt", "davit"])
     parser.add_argument("--lmlt-size", choices=("tiny", "base", "large"), default="base")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="LR input sides (multiples of 64)")
     parser.add_argument("--scales", type=int, nargs="+", default=[4, 2])
