@@ -43,6 +43,22 @@ def test_inference_form_equals_the_reference_form(name):
     assert torch.equal(got, got_inference)
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 100])
+@pytest.mark.parametrize("name", ["linear", "window4-channel-norm", "meta-dys"])
+def test_slices_give_the_reference_numbers(monkeypatch, name, chunk):
+    """Attention and ChannelMix run in slices of about FFN_CHUNK tokens (whole rows of windows): any slice
+    size, down to one row of windows, gives the reference's numbers, with a batch of two."""
+    from archs import flexnet
+
+    model = perturbed(FlexNet(**VARIANTS[name]))
+    x = torch.rand(2, 3, 37, 29)
+    reference = model(x).detach()
+    monkeypatch.setattr(flexnet, "FFN_CHUNK", chunk)
+    with torch.inference_mode():
+        got = model(x)
+    assert (got - reference).abs().max() <= 1e-5
+
+
 def test_folded_weights_follow_weight_changes():
     model = perturbed(FlexNet(dim=8, num_blocks=(1,)))
     other = perturbed(FlexNet(dim=8, num_blocks=(1,)), seed=2)
