@@ -68,6 +68,13 @@ CPU_TILED_SHARE = 0.4
 CPU_TILED_FLOOR = 256 << 20
 #: ... and at least the working set of one tile of this side (px), where the context adds little work.
 CPU_EFFICIENT_TILE = 384
+#: A model with at least CPU_COSTLY_PARAMS parameters (roughly its multiply-adds per pixel) gets tiles of
+#: at least CPU_CONTEXT_RATIO times the context: with 32 px of context, 384 px tiles compute 1.27x the
+#: pixels of a 1536² image (ComfyUI's 512 px tiles with 32 px of overlap, 1.13x), and a FlexNet ran at
+#: 0.89x ComfyUI's speed; 768 px tiles compute 1.085x (bench/bench_tiling.py). A cheap model keeps the
+#: smaller tiles: its context costs little, and its working set stays small beside the output.
+CPU_CONTEXT_RATIO = 24
+CPU_COSTLY_PARAMS = 100_000
 _ALIGN_ATTRS = ("tile_alignment", "pad_multiple", "pad_unit", "padding_multiple", "window_size", "split_size")
 
 
@@ -777,7 +784,10 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
         io_bytes = b * h * w * c * 4 * (1 + s * s)
         # ... but never below one efficient tile: a model that needs much memory per pixel (EIMN: ~7 KB)
         # would otherwise run many small tiles whose context work costs more than the memory saved
-        efficient = bpp * (CPU_EFFICIENT_TILE + 2 * layout.context) ** 2
+        side = CPU_EFFICIENT_TILE
+        if parameter_count(model) >= CPU_COSTLY_PARAMS:
+            side = max(side, CPU_CONTEXT_RATIO * layout.context)
+        efficient = bpp * (side + 2 * layout.context) ** 2
         budget = min(budget, max(CPU_TILED_FLOOR, CPU_TILED_SHARE * io_bytes, efficient))
     tile = auto_tile(budget, bpp, layout, h, w, b) if auto else tile_size
     batch = auto_batch(budget, bpp, layout, tile, h, w)

@@ -52,6 +52,7 @@ def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monke
     monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 20)  # the image does not fit whole
     monkeypatch.setattr(engine, "CPU_TILED_FLOOR", 4 << 20)
     monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 16)
+    monkeypatch.setattr(engine, "CPU_CONTEXT_RATIO", 0)
     model, module = counting_model(pack)
     image = torch.rand(1, 192, 160, 3)
     io_bytes = image.numel() * 4 * (1 + 4)
@@ -75,6 +76,7 @@ def test_a_costly_model_still_gets_tiles_of_efficient_size(pack, monkeypatch):
     monkeypatch.setattr(engine, "measure_bytes_per_pixel", lambda *a, **k: 200_000.0)  # ~EIMN x 30
     monkeypatch.setattr(engine, "estimate_bytes_per_pixel", lambda *a, **k: 200_000)
     monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 96)
+    monkeypatch.setattr(engine, "CPU_CONTEXT_RATIO", 0)
     monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 30)
     monkeypatch.setattr(engine.host, "available_ram", lambda: 64 << 30)
     image = torch.rand(1, 400, 400, 3)
@@ -83,6 +85,18 @@ def test_a_costly_model_still_gets_tiles_of_efficient_size(pack, monkeypatch):
     monkeypatch.setattr(engine, "CPU_EFFICIENT_TILE", 0)  # without the floor the same model gets small tiles
     _, small = engine.upscale_image(model, image, device="cpu")
     assert small.tile < report.tile, (small.plan, report.plan)
+    # for a costly model (many parameters: many multiply-adds per pixel) the floor also grows with the
+    # context (tiles of CPU_CONTEXT_RATIO x context), so the context's share of the work stays small
+    monkeypatch.setattr(engine, "CPU_CONTEXT_RATIO", 4)
+    monkeypatch.setattr(engine, "CPU_WORKSET", 20 << 30)  # room for the larger floor; the image still does not fit
+    monkeypatch.setattr(engine, "CPU_COSTLY_PARAMS", engine.parameter_count(model) + 1)  # cheap: no such floor
+    _, cheap = engine.upscale_image(model, image, device="cpu", overlap=32)
+    assert cheap.tile < 4 * 32, cheap.plan
+    monkeypatch.setattr(engine, "CPU_COSTLY_PARAMS", engine.parameter_count(model))
+    _, ratio = engine.upscale_image(model, image, device="cpu", overlap=32)
+    assert ratio.context == 32 and ratio.tiles > 1 and ratio.tile >= 4 * 32, ratio.plan
+    _, wider = engine.upscale_image(model, image, device="cpu", overlap=48)
+    assert wider.context == 48 and wider.tile >= 4 * 48 > ratio.tile, (wider.plan, ratio.plan)
 
 
 def test_auto_precision_on_cpu_picks_bf16_only_for_listed_families_with_native_bf16(pack, monkeypatch):
