@@ -347,3 +347,17 @@ def test_alignment_reads_the_models_padding_unit(pack, engine):
     assert engine.alignment(model) == 64
     model.size_requirements.multiple_of = 3
     assert engine.alignment(model) == 192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_kind_of_non_finite_value(pack, dtype):
+    all_finite = pack.nodes.engine.all_finite
+    x = torch.rand(2, 37, 41, 3).to(dtype)
+    assert all_finite(x) and all_finite(x.permute(0, 3, 1, 2)) and all_finite(x[:, :0])
+    assert all_finite(torch.arange(5)), "integers are always finite"
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 36, 40, 2] = bad
+        assert not all_finite(y) and not all_finite(y.permute(0, 3, 1, 2)), bad
+    big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(big) and all_finite(-big), "large finite values are finite"
