@@ -584,8 +584,8 @@ class TileRunner:
 
 def all_finite(t: Tensor) -> bool:
     """Whether every value of ``t`` is finite, from one min/max pass (NaN and ±inf show in them): on a
-    CPU ~20x cheaper than ``torch.isfinite(t).all()``, which took 0.5 s of a 1.6 s ×4 upscale of a
-    1024² image (one thread) when run on the output."""
+    CPU 10-20x cheaper than ``torch.isfinite(t).all()``, whose checks of input and output took ~0.2 s of
+    a 1.6 s ×4 upscale of a 1024² image (Compact, one thread; 25 ms this way)."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
