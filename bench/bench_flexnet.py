@@ -43,6 +43,7 @@ from bench.common import (  # noqa: E402
     human,
     interleaved,
     load_average,
+    load_heap_module,
     machine_note,
     print_table,
 )
@@ -77,16 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     heap = load_heap_module()
     with heap.kept_heap(args.kept_heap) as kept:
         run(args, kept)
-
-
-def load_heap_module():
-    """``nodes/heap.py`` on its own (the nodes package needs the pack's relative imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("flexsr_heap", ROOT / "nodes" / "heap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(args, kept: bool) -> None:

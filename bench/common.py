@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -191,3 +192,14 @@ __all__ = [
     "count_params", "count_macs", "cpu_latency", "interleaved", "conv3x3_limit", "load_average", "human",
     "print_table", "machine_note",
 ]
+
+
+def load_heap_module():
+    """``nodes/heap.py`` on its own (the nodes package needs the pack's relative imports): its
+    ``kept_heap()`` lets a benchmark run models as the upscale engine does on a CPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flexsr_heap", Path(__file__).resolve().parents[1] / "nodes" / "heap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
