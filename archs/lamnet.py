@@ -160,8 +160,10 @@ def check_kernel_map(value: Tensor, kernel_size: int, where: str = "kernel_map")
 # Layers
 
 
-#: Inference on the CPU: pixels per band of DGFN's wide part.
-FFN_CHUNK = 1024
+#: Inference on the CPU: pixels per band of DGFN's wide part. Each band recomputes the rows its 3x3
+#: conv reads above and below it: bands of 8192 pixels run LAMNet base 1.08x / 1.13x faster at 64² /
+#: 128² than bands of 1024 (8 rows of a 128-wide map, a quarter recomputed), 1.01x on a 768-wide strip.
+FFN_CHUNK = 8192
 
 
 def _inference() -> bool:
@@ -284,7 +286,7 @@ class DGFN(nn.Module):
     def add_tokens(self, x: Tensor, normed: Tensor, size, norm: LayerNormUnchanged, alpha: Tensor) -> Tensor:
         """``x + alpha * DGFN(norm.alpha * normed + norm.beta)`` on tokens ``[B*H*W, C]``, a new tensor;
         in bands of about :data:`FFN_CHUNK` pixels (each with the rows its 3x3 conv reads), so the
-        2x-wide activations stay in cache."""
+        2x-wide activations stay bounded on large tiles."""
         b, h, w = size
         c = x.shape[1]
         hidden2 = self.project_in.out_channels
