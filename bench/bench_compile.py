@@ -7,8 +7,9 @@ temporary inductor cache folder (``TORCHINDUCTOR_CACHE_DIR``) made for that fami
 
 1. *cold*: the model compiled through :func:`archs.compiled` and called once on a ``--size``² input
    (empty cache: tracing, code generation and the C++ compiler); then eager and compiled calls in turns
-   (A, B, A, B, ...), medians of process CPU time: the steady speed-up; and the largest difference of
-   the compiled output from the eager one;
+   (A, B, A, B, ...), medians of process CPU time: the steady speed-up, and each one's multiply-adds per
+   second as a share of a plain 3x3 convolution's timed in the same turns (the machine's convolution
+   limit, as in ``bench_sr_archs.py``); and the largest difference of the compiled output from the eager one;
 2. *warm*: a new process compiling the same model for the same shape: what a restarted ComfyUI pays
    (the FX graph and AOT autograd caches hit; tracing still runs).
 
@@ -76,7 +77,7 @@ def child(family: str, size: int, repeats: int, threads: int, steady: bool) -> d
     import torch
 
     import archs
-    from bench.common import interleaved, load_average
+    from bench.common import conv3x3_limit, count_macs, interleaved, load_average
 
     torch.set_num_threads(threads)
     name, model = build(family)
@@ -93,10 +94,16 @@ def child(family: str, size: int, repeats: int, threads: int, steady: bool) -> d
     out["failed"] = compiled.failed
     out["max_abs_diff"] = float((y.float() - ref.float()).abs().max())
     if steady and not compiled.failed:
-        times = interleaved({"eager": lambda: model(x), "compiled": lambda: compiled(x)}, repeats=repeats, warmup=1)
+        conv, conv_macs = conv3x3_limit(size, size)
+        times = interleaved({"eager": lambda: model(x), "compiled": lambda: compiled(x), "conv3x3": conv},
+                            repeats=repeats, warmup=1)
         out["eager_ms"] = times["eager"]["cpu"] * 1e3
         out["compiled_ms"] = times["compiled"]["cpu"] * 1e3
         out["speedup"] = times["eager"]["cpu"] / times["compiled"]["cpu"]
+        limit = conv_macs / times["conv3x3"]["cpu"]  # the machine's convolution rate, MAC/s
+        macs = count_macs(model, (1, 3, size, size))
+        out["eager_share"] = macs / times["eager"]["cpu"] / limit
+        out["compiled_share"] = macs / times["compiled"]["cpu"] / limit
     out["load"] = load_average()
     return out
 
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             cold = run_child(family, cache, args, steady=True)
             warm = run_child(family, cache, args, steady=False) if not cold.get("failed") else {}
         if cold.get("failed"):
-            rows.append([family, cold.get("model", "-"), "failed", "-", "-", "-", "-", "-", "-", load_average()])
+            rows.append([family, cold.get("model", "-"), "failed", "-", "-", "-", "-", "-", "-", "-", load_average()])
             print(f"  {family}: compile failed: {cold['failed']}", flush=True)
             continue
         rows.append([
@@ -177,13 +184,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{cold['first_wall']:.1f} / {cold['first_cpu']:.1f}",
             f"{warm.get('first_wall', float('nan')):.1f} / {warm.get('first_cpu', float('nan')):.1f}",
             f"{cold['eager_ms']:.1f}", f"{cold['compiled_ms']:.1f}", f"{cold['speedup']:.2f}x",
+            f"{100 * cold['eager_share']:.0f}% / {100 * cold['compiled_share']:.0f}%",
             f"{cold['max_abs_diff']:.1e}", cold["load"],
         ])
         print(f"  {family}: cold {cold['first_wall']:.1f} s, warm {warm.get('first_wall', float('nan')):.1f} s, "
               f"steady {cold['speedup']:.2f}x ({cold['load']})", flush=True)
     print()
     print_table(rows, ["family", "config", "eager 1st call s", "compiled 1st call, fresh cache", "... warm cache",
-                       "eager ms", "compiled ms", "speed-up", "max |diff|", "load (child)"])
+                       "eager ms", "compiled ms", "speed-up", "of conv limit (eager / compiled)", "max |diff|",
+                       "load (child)"])
     if args.layout:
         layout_table()
 
