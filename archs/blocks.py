@@ -88,7 +88,8 @@ def fast_linear(
 
     On a CPU in float32 it runs oneDNN's matmul (the kernel behind PyTorch's CPU convolutions, with the
     activation fused into it) instead of the BLAS one behind ``F.linear``: the same numbers to float rounding,
-    measured 1.8x the GEMM throughput of ``F.linear`` on an AVX-512 CPU (``bench/bench_vs_reference.py``).
+    measured 1.8x the GEMM throughput of ``F.linear`` on one AVX-512 CPU (``bench/bench_vs_reference.py``), the
+    same on another whose BLAS took its fast paths.
     Elsewhere (other devices and dtypes, a torch without oneDNN, products too small to gain) it is
     ``F.linear`` and the activation in place.
     Not differentiable: call it only where autograd is off.
