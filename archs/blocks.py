@@ -99,6 +99,9 @@ def fast_linear(
         raise ValueError(f"fast_linear: unknown activation {act!r} (one of none, {', '.join(_FALLBACK_ACT)})")
     if (
         _ONEDNN_LINEAR is not None
+        # not under torch.compile: inductor lowers this op only with constant weights (folded ones are
+        # computed in the graph), and lowers F.linear and the activation itself
+        and not torch.compiler.is_compiling()
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.dtype == torch.float32

@@ -54,19 +54,25 @@ def available(x: Tensor) -> bool:
     )
 
 
+def _eager(x: Tensor) -> bool:
+    """:func:`available`, and not being traced by ``torch.compile``: inductor lowers these oneDNN ops only
+    with constant weights (the folded ones here are computed in the graph), and fuses the plain ops itself."""
+    return available(x) and not torch.compiler.is_compiling()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str = "none") -> Tensor:
     """``activation(x @ weight.T + bias)``, ``x`` ``[N, Cin]``, ``weight`` ``[Cout, Cin]`` -> ``[N, Cout]``.
 
     ``activation``: ``"none"``, ``"gelu"`` (erf), ``"swish"`` (SiLU) or ``"relu"``.
     """
-    if available(x):
+    if _eager(x):
         return _linear_op()(x, weight, bias, activation, [], _ALGORITHM.get(activation, ""))
     return _ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
 def linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``residual + x @ weight.T + bias`` as a new tensor (``residual`` ``[N, Cout]`` is left alone)."""
-    if available(x) and residual.dtype == x.dtype and residual.is_contiguous():
+    if _eager(x) and residual.dtype == x.dtype and residual.is_contiguous():
         return _linear_op().binary(x, residual, weight, bias, "add")
     return torch.addmm(residual, x, weight.t()) if bias is None else torch.addmm(residual + bias, x, weight.t())
 
@@ -76,7 +82,7 @@ def linear_to_maps(t: Tensor, weight: Tensor, bias: Tensor | None, b: int) -> Te
     per image). On oneDNN the weight is the matmul's input and the tokens its weight, so the result
     comes out channel-major with no transpose."""
     n = t.shape[0] // b
-    if available(t) and t.is_contiguous():
+    if _eager(t) and t.is_contiguous():
         op = _linear_op()
         maps = [op(weight, t[i * n : (i + 1) * n], None, "none", [], "") for i in range(b)]
         out = maps[0].unsqueeze(0) if b == 1 else torch.stack(maps)
@@ -92,7 +98,11 @@ CHANNEL_BLOCK = 16
 
 
 def padded_width(c: int) -> int:
-    """``c`` rounded up to a multiple of :data:`CHANNEL_BLOCK`."""
+    """``c`` rounded up to a multiple of :data:`CHANNEL_BLOCK`; ``c`` itself under ``torch.compile``,
+    whose oneDNN convolutions need their weights as graph constants (a padded copy is not one) and
+    which picks its own kernels."""
+    if torch.compiler.is_compiling():
+        return c
     return -(-c // CHANNEL_BLOCK) * CHANNEL_BLOCK
 
 
@@ -176,7 +186,8 @@ def depthwise_gated(gate: Tensor, value: Tensor, w_gate: Tensor, b_gate: Tensor 
     c = gate.shape[1]
     pad = [padding, padding]
     op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
-    if op is not None and available(gate) and gate.is_contiguous(memory_format=torch.channels_last) \
+    if op is not None and _eager(gate) \
+            and gate.is_contiguous(memory_format=torch.channels_last) \
             and value.is_contiguous(memory_format=torch.channels_last):
         g = op(gate, w_gate, b_gate, pad, [1, 1], [1, 1], c, "gelu", [], "none")
         return op.binary(value, g, w_value, b_value, pad, [1, 1], [1, 1], c, "mul", None, None, [], None)
