@@ -8,7 +8,6 @@ import importlib
 import io
 import logging
 import os
-import pickle
 import pickletools
 import re
 import threading

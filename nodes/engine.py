@@ -44,7 +44,7 @@ from ..archs.compile import CompiledModel, compile_pays, compiled
 from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
 from . import host
 from .blend import write_tile
-from .channels import ALPHA_MODES, Job, plan_channels
+from .channels import ALPHA_MODES, plan_channels
 from .heap import kept_heap, run_on_heap
 from .tiles import Layout, Tile, describe, plan_tiles, resplit
 from .watch import ModuleWatch
