@@ -143,10 +143,11 @@ class DFFM(nn.Module):
         y.view(b, n // b, c).addcmul_(x, (channel_gate * scale)[:, None, :])
 
 
-#: Inference: pixels per band of SADFFM's wide part (its activations are 2 * 176 channels wide, ~2 kB a
+#: Inference: pixels per band of SADFFM's wide part (its activations are 2 * 170 channels wide, ~2 kB a
 #: pixel). Each band recomputes the row above and below it, so short bands cost more: bands of 32768
-#: pixels run EIMN_A 1.02x / 1.04x faster at 64² / 128² than bands of 2048, and 1.07x on a 768-wide
-#: strip (where 2048 pixels are 8 rows: a quarter recomputed); keeping the band in cache gained nothing.
+#: pixels run EIMN_A 1.02-1.03x faster at 64² and 128² than bands of 2048, and 1.07x on a 768-wide
+#: strip (where 2048 pixels are 8 rows: a quarter recomputed); keeping the band in cache gained nothing
+#: (bench/bench_inference_bands.py).
 FFN_CHUNK = 32768
 
 
@@ -169,17 +170,18 @@ class SADFFM(nn.Module):
 
     def add_to_(self, y: Tensor, x: Tensor, size: tuple[int, int, int], w_in: Tensor, b_in: Tensor, scale: Tensor) -> None:
         """Inference: ``y += scale * SADFFM(x)``, tokens ``[B*H*W, C]``; ``w_in``/``b_in`` replace
-        ``linear_in``'s weights (the block's BatchNorm folded in), as ``(gate half, value half)`` pairs,
-        each widened with zero rows to :func:`onednn.padded_width` of the hidden width.
+        ``linear_in``'s weights (the block's BatchNorm folded in), as ``(gate half, value half)`` pairs.
 
         The wide part (``linear_in`` -> ``SAL`` -> gate -> ``linear_out``) runs in bands of about
         :data:`FFN_CHUNK` pixels, each with the row above and below it that ``SAL`` reads, so its
-        activations (5.5x the width of the features) stay bounded on large tiles. It runs at the padded
-        width (zero weights there: the extra channels stay exactly zero and ``linear_out`` ignores them),
-        where oneDNN's kernels have no remainder to handle.
+        activations (5.3x the width of the features) stay bounded on large tiles.
         """
         b, h, w = size
-        w_sal, b_sal, w_out = self.padded_wide_weights()
+        hidden = self.linear_out.in_channels
+        sal = self.SAL
+        w_out = self.linear_out.weight.view(-1, hidden)
+        w_sal = [sal.weight[:hidden], sal.weight[hidden:]]
+        b_sal = [None, None] if sal.bias is None else [sal.bias[:hidden], sal.bias[hidden:]]
         out = torch.empty_like(x)
         for rows, inner, start in onednn.row_bands(b, h, w, FFN_CHUNK, 1):  # with the rows SAL reads
             band = x[rows]
@@ -188,22 +190,6 @@ class SADFFM(nn.Module):
             gated = onednn.tokens(onednn.depthwise_gated(gate, value, w_sal[0], b_sal[0], w_sal[1], b_sal[1], 1))
             out[start : start + inner.stop - inner.start] = onednn.linear(gated[inner], w_out, self.linear_out.bias)
         self.DFFM.add_to_(y, out, b, scale)
-
-    def padded_wide_weights(self):
-        """``SAL``'s (gate, value) weights and biases and ``linear_out``'s weight, at the padded hidden width."""
-        hidden = self.linear_out.in_channels
-        wide = onednn.padded_width(hidden)
-        sal = self.SAL
-
-        def fold():
-            w_sal = tuple(onednn.pad_dim0(sal.weight[i * hidden : (i + 1) * hidden], wide) for i in (0, 1))
-            b_sal = (None, None) if sal.bias is None else \
-                tuple(onednn.pad_dim0(sal.bias[i * hidden : (i + 1) * hidden], wide) for i in (0, 1))
-            w_out = onednn.pad_dim0(self.linear_out.weight.view(-1, hidden).t(), wide).t().contiguous()
-            return w_sal, b_sal, w_out
-
-        sources = [sal.weight, self.linear_out.weight] + ([] if sal.bias is None else [sal.bias])
-        return derived(self, "wide", sources, fold)
 
 
 class MOLRCM(nn.Module):
@@ -307,9 +293,7 @@ class EIMNBlock(nn.Module):
             bias = w_in @ t if mlp.linear_in.bias is None else mlp.linear_in.bias + w_in @ t
             w = w_in * s
             hidden = mlp.linear_out.in_channels
-            wide = onednn.padded_width(hidden)
-            return ((onednn.pad_dim0(w[:hidden], wide), onednn.pad_dim0(w[hidden:], wide)),
-                    (onednn.pad_dim0(bias[:hidden], wide), onednn.pad_dim0(bias[hidden:], wide)))
+            return (w[:hidden].contiguous(), w[hidden:].contiguous()), (bias[:hidden].contiguous(), bias[hidden:].contiguous())
 
         attn_sources = [bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, attn.proj_value[0].weight,
                         attn.proj_value[0].bias, attn.proj_query[0].weight, attn.proj_query[0].bias,

@@ -161,8 +161,9 @@ def check_kernel_map(value: Tensor, kernel_size: int, where: str = "kernel_map")
 
 
 #: Inference on the CPU: pixels per band of DGFN's wide part. Each band recomputes the rows its 3x3
-#: conv reads above and below it: bands of 8192 pixels run LAMNet base 1.08x / 1.13x faster at 64² /
-#: 128² than bands of 1024 (8 rows of a 128-wide map, a quarter recomputed), 1.01x on a 768-wide strip.
+#: conv reads above and below it: bands of 8192 pixels run LAMNet base 1.08-1.10x / 1.12-1.13x faster at
+#: 64² / 128² than bands of 1024 (8 rows of a 128-wide map, a quarter recomputed), 1.01-1.02x on a
+#: 768-wide strip (bench/bench_inference_bands.py).
 FFN_CHUNK = 8192
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "available", "linear", "linear_add", "linear_to_maps", "image", "tokens", "row_bands", "depthwise_conv",
-    "depthwise_gated", "padded_width", "pad_dim0",
+    "depthwise_gated",
 ]
 
 _ACTIVATIONS = {
@@ -89,33 +89,6 @@ def linear_to_maps(t: Tensor, weight: Tensor, bias: Tensor | None, b: int) -> Te
         return out if bias is None else out.add_(bias.view(1, -1, 1))
     out = torch.matmul(weight, t.view(b, n, -1).transpose(1, 2))
     return out if bias is None else out.add_(bias.view(1, -1, 1))
-
-
-#: oneDNN's float32 kernels on AVX-512 work on 16 channels at a time: a width that is not a multiple of 16
-#: leaves a slower remainder. EIMN's 170-wide FFN: its 64 -> 170 matmul takes 1.06-1.09x the time of a
-#: 64 -> 176 one on the development machine, and the whole EIMN_A runs 1.03x faster at 176 (exact).
-CHANNEL_BLOCK = 16
-
-
-def padded_width(c: int) -> int:
-    """``c`` rounded up to a multiple of :data:`CHANNEL_BLOCK`; ``c`` itself under ``torch.compile``,
-    whose oneDNN convolutions need their weights as graph constants (a padded copy is not one) and
-    which picks its own kernels."""
-    if torch.compiler.is_compiling():
-        return c
-    return -(-c // CHANNEL_BLOCK) * CHANNEL_BLOCK
-
-
-def pad_dim0(t: Tensor | None, n: int) -> Tensor | None:
-    """``t`` with zeros appended along its first dimension up to ``n`` entries (contiguous; ``None`` stays).
-
-    Zero weights and biases on extra output channels give exact zeros there, and zero input columns
-    add nothing: a layer widened this way computes the same sums."""
-    if t is None or t.shape[0] == n:
-        return None if t is None else t.contiguous()
-    out = t.new_zeros((n, *t.shape[1:]))
-    out[: t.shape[0]] = t
-    return out
 
 
 def image(t: Tensor, b: int, h: int, w: int) -> Tensor:
