@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import contextlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ class Source:
     """A Debian package whose files feed the set."""
 
     package: str
-    kind: str  # clipart | painting | wallpaper | font
+    kind: str  # one of KINDS
     roots: tuple[str, ...]
     licence: str
     extensions: tuple[str, ...] = RASTER_EXT
@@ -82,7 +83,23 @@ SOURCES: tuple[Source, ...] = (
            RASTER_EXT, "wallpaper"),
     Source("debian-edu-artwork", "wallpaper", ("usr/share/desktop-base/debian-edu-emerald-theme",),
            "GPL-2+ (Debian Edu artwork)", RASTER_EXT + (".svg",), "wallpaper"),
+    Source("flare-game", "painting", ("usr/share/games/flare/mods/fantasycore/images/portraits",
+                                      "usr/share/games/flare/mods/empyrean_campaign/images/portraits",
+                                      "usr/share/games/flare/mods/empyrean_campaign/images/cutscenes"),
+           "CC-BY-SA-3.0+ (Flare art)", RASTER_EXT, "painting"),
+    Source("hedgewars-data", "cartoon", ("usr/share/games/hedgewars/Data/Graphics/Missions",
+                                         "usr/share/games/hedgewars/Data/Forts",
+                                         "usr/share/games/hedgewars/Data/Themes"),
+           "GPL-2 / CC (Hedgewars art, per file)", RASTER_EXT, "cartoon"),
+    Source("supertux-data", "cartoon", ("usr/share/games/supertux2/images/background",),
+           "GPL-2+ / CC-BY-SA (SuperTux art, per file)", RASTER_EXT, "cartoon"),
+    Source("tuxpaint-data", "clipart", ("usr/share/tuxpaint/starters",), "GPL-2+ (Tux Paint colouring pages)",
+           RASTER_EXT + (".svg",), "clipart"),
 )
+#: What each kind of image is (the evaluation reports every kind on its own).
+KINDS = {"clipart": "clip art and colouring pages (flat fills, outlines)", "painting": "painted portraits and story art",
+         "cartoon": "cartoon game art (backgrounds, scenes)", "wallpaper": "wallpapers and artwork",
+         "lettering": "lettering, Latin and CJK", "manga": "composed grey manga-style pages"}
 #: Font packages: Latin and CJK lettering (any installed font under these folders is used).
 FONT_PACKAGES = ("fonts-dejavu-core", "fonts-ipafont-gothic", "fonts-ipafont-mincho", "fonts-vlgothic")
 FONT_ROOTS = ("usr/share/fonts",)
@@ -101,8 +118,9 @@ class BuildOptions:
     clipart: int = 1200
     painting: int = 400
     wallpaper: int = 400
+    cartoon: int = 400
     lettering: int = 120
-    manga: int = 240
+    manga: int = 120
     workers: int = 2
     render_timeout: float = 30.0
     renderer: str = "auto"
@@ -398,9 +416,12 @@ def screentone(shape: tuple[int, int], level: float, pitch: float, angle: float)
     return np.clip((dist - radius) / edge + 0.5, 0.0, 1.0)
 
 
-def _manga_panel(art: Image.Image, box: tuple[int, int], rng: random.Random) -> np.ndarray:
-    """One panel: clip art as grey line art with flat tones replaced by screentone."""
+def _manga_panel(art: Image.Image | Path, box: tuple[int, int], rng: random.Random) -> np.ndarray:
+    """One panel: clip art (an image, or the file of one) as grey line art with flat tones replaced by screentone."""
     bw, bh = box
+    if not isinstance(art, Image.Image):
+        with Image.open(art) as im:
+            art = im.convert("RGB")
     a = ImageOps.autocontrast(ImageOps.contain(art.convert("L"), (bw, bh), Image.Resampling.LANCZOS), cutoff=1)
     canvas = Image.new("L", (bw, bh), 255)
     canvas.paste(a, ((bw - a.size[0]) // 2, (bh - a.size[1]) // 2))
@@ -423,7 +444,7 @@ def _manga_panel(art: Image.Image, box: tuple[int, int], rng: random.Random) -> 
     return out
 
 
-def make_manga_page(rng: random.Random, arts: list[Image.Image], fonts: list[tuple[Path, bool]], size: int) -> Image.Image:
+def make_manga_page(rng: random.Random, arts: list[Image.Image | Path], fonts: list[tuple[Path, bool]], size: int) -> Image.Image:
     """A grey manga-style page: panels of line art and screentone, borders, balloons with lettering."""
     h = size
     w = int(size * 0.7)
@@ -488,8 +509,20 @@ def _copyright(package: str) -> str:
     return str(Path("/usr/share/doc") / package / "copyright")
 
 
-def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> BuildResult:
-    """Build the art set under ``out`` (must not exist or be empty); returns the records and skip counts."""
+def _bar(progress: bool, total: int, desc: str, unit: str):
+    """A tqdm bar on stderr (files done, kept/skipped counts, rate, ETA); a silent stand-in when ``progress`` is off."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, mininterval=2.0,
+                dynamic_ncols=True)
+
+
+def build(out: str | Path, opts: BuildOptions | None = None, log=print, progress: bool = True) -> BuildResult:
+    """Build the art set under ``out`` (must not exist or be empty); returns the records and skip counts.
+
+    ``progress`` shows tqdm bars on stderr. Memory stays bounded: each source image is written as it arrives,
+    and the manga pages open the clip art of their panels from the written files.
+    """
     opts = opts or BuildOptions()
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -512,7 +545,7 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
     for s in SPLITS:
         (tmp / s).mkdir(parents=True)
     res = BuildResult(out)
-    loaded: dict[str, list[Image.Image]] = {s: [] for s in SPLITS}  # clip art kept for manga pages
+    loaded: dict[str, list[Path]] = {s: [] for s in SPLITS}  # the written clip art files, for manga pages
 
     def version_of(package: str) -> str:
         if package not in versions:  # a font package found on disk but not in FONT_PACKAGES
@@ -535,29 +568,40 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
 
     jobs = [(i, c, opts) for i, c in enumerate(cands)]
     log(f"rendering/reading {len(jobs)} source files with {opts.workers} workers ...")
-    if opts.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(opts.workers) as ex:
-            results = list(ex.map(_load_worker, jobs, chunksize=8))
-    else:
-        results = [_load_worker(j) for j in jobs]
-    for i, data, reason, size in sorted(results, key=lambda r: r[0]):
-        c = cands[i]
-        if data is None:
-            res.skipped.append({"package": c.source.package, "source": "/" + c.rel, "reason": reason})
-            continue
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        stem = hashlib.sha256(c.rel.encode()).hexdigest()[:12]
-        name = f"{c.source.kind}_{Path(c.rel).stem[:40]}_{stem}.png".replace(" ", "_")
-        record(c.split, img, name, c.source.kind, [c.source.package], c.source.licence, "/" + c.rel, data)
-        if c.source.kind == "clipart":
-            loaded[c.split].append(img)
+    bar = _bar(progress, len(jobs), "source files", "file")
+    with contextlib.ExitStack() as stack:
+        if opts.workers > 1 and len(jobs) > 1:
+            ex = stack.enter_context(ProcessPoolExecutor(opts.workers))
+            results = ex.map(_load_worker, jobs, chunksize=4)  # in order, one image at a time in this process
+        else:
+            results = map(_load_worker, jobs)
+        for i, data, reason, size in results:
+            c = cands[i]
+            bar.update(1)
+            if data is None:
+                res.skipped.append({"package": c.source.package, "source": "/" + c.rel, "reason": reason})
+                bar.set_postfix(kept=len(res.records), skipped=len(res.skipped), refresh=False)
+                continue
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            stem = hashlib.sha256(c.rel.encode()).hexdigest()[:12]
+            name = f"{c.source.kind}_{Path(c.rel).stem[:40]}_{stem}.png".replace(" ", "_")
+            record(c.split, img, name, c.source.kind, [c.source.package], c.source.licence, "/" + c.rel, data)
+            if c.source.kind == "clipart" and c.source.package == "openclipart-svg":
+                loaded[c.split].append(tmp / c.split / name)  # a page opens its panels' art when it needs them
+            bar.set_postfix(kept=len(res.records), skipped=len(res.skipped), refresh=False)
+    bar.close()
 
     font_pkg = {p: _font_package(p) for s in SPLITS for p, _ in fonts[s]}
+    share_of = {"train": 1.0 - sum(SPLIT_FRACTIONS.values()), **SPLIT_FRACTIONS}
+    n_pages = sum(max(1, round(n * share_of[s])) for s in SPLITS
+                  for n, has in ((opts.lettering, bool(fonts[s])), (opts.manga, bool(loaded[s]))) if has)
+    bar = _bar(progress, n_pages, "lettering and manga pages", "page")
     for split in SPLITS:
-        share = {"train": 1.0 - sum(SPLIT_FRACTIONS.values()), **SPLIT_FRACTIONS}[split]
+        share = share_of[split]
         if fonts[split]:
             for k in range(max(1, round(opts.lettering * share))):
+                bar.update(1)
                 rng = random.Random(f"{opts.seed}:lettering:{split}:{k}")
                 img = make_lettering(rng, fonts[split], min(opts.size, 640))
                 used = sorted({str(p) for p, _ in fonts[split]})
@@ -565,12 +609,14 @@ def build(out: str | Path, opts: BuildOptions | None = None, log=print) -> Build
                        "font licences (OFL / GPL / IPA, per package)", "generated from " + ";".join(used))
         if loaded[split]:
             for k in range(max(1, round(opts.manga * share))):
+                bar.update(1)
                 rng = random.Random(f"{opts.seed}:manga:{split}:{k}")
                 img = make_manga_page(rng, loaded[split], fonts[split], opts.size)
                 record(split, img, f"manga_{k:04d}.png", "manga", ["openclipart-svg", *sorted(
                     {font_pkg[p] for p, _ in fonts[split]})], "public domain clip art + font licences",
                     f"composed from {split} clip art and fonts (seed {opts.seed}, page {k})")
 
+    bar.close()
     manifest = "".join(json.dumps(r, sort_keys=True) + "\n" for r in res.records)
     (tmp / "manifest.jsonl").write_text(manifest)
     (tmp / "skipped.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in res.skipped))
@@ -632,9 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--root", default="/", help="file-system root the packages are read from (tests use a fake tree)")
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--size", type=int, default=d.size, help="longest side of written images")
-    for k in ("clipart", "painting", "wallpaper", "lettering", "manga"):
+    for k in ("clipart", "painting", "wallpaper", "cartoon", "lettering", "manga"):
         b.add_argument(f"--{k}", type=int, default=getattr(d, k), metavar="N", help=f"at most N {k} images (0 = all)"
-                       if k in ("clipart", "painting", "wallpaper") else f"{k} pages over all splits")
+                       if k in ("clipart", "painting", "wallpaper", "cartoon") else f"{k} pages over all splits")
     b.add_argument("--workers", type=int, default=d.workers)
     b.add_argument("--renderer", choices=("auto", "rsvg-convert", "cairosvg"), default="auto")
     args = ap.parse_args(argv)
@@ -649,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size must be >= 64 and --workers >= 1")
     opts = BuildOptions(root=Path(args.root), seed=args.seed, size=args.size, workers=args.workers,
                         renderer=args.renderer, **{k: getattr(args, k) for k in
-                                                   ("clipart", "painting", "wallpaper", "lettering", "manga")})
+                                                   ("clipart", "painting", "wallpaper", "cartoon", "lettering", "manga")})
     try:
         res = build(args.out, opts)
     except ArtBuildError as e:
