@@ -3,6 +3,8 @@ small images, the (seed, step, rank) sampler)."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 
 import numpy as np
@@ -21,7 +23,11 @@ from training.data import (
     scan_folders,
     val_pairs_from_arrays,
 )
-from training.degradations import DOWNSCALE_MODES, Degradation, add_noise, downscale, gaussian_blur, jpeg
+from training.degradations import (
+    DEFAULT_DOWNSCALE, DOWNSCALE_MODES, Degradation, RealWorldDegradation, add_noise, downscale, gaussian_blur, jpeg,
+    make_lr, parse_lr_spec,
+)
+from training.metrics import quantize
 
 
 def _rand(*shape, seed=0):
@@ -40,7 +46,9 @@ def test_downscale_shapes_and_range(mode, scale):
     assert lr.shape == (2, 3, 24 // scale, 36 // scale)
     assert lr.min() >= 0 and lr.max() <= 1
     flat = torch.full((1, 3, 12, 12), 0.25)
-    assert torch.allclose(downscale(flat, scale, mode), torch.full_like(downscale(flat, scale, mode), 0.25), atol=1e-6)
+    eight_bit = mode in ("pil-bicubic", "lanczos", "box", "pil-bilinear")  # pillow works on the 8-bit image
+    want = torch.full_like(downscale(flat, scale, mode), round(0.25 * 255) / 255 if eight_bit else 0.25)
+    assert torch.allclose(downscale(flat, scale, mode), want, atol=1e-6)
 
 
 def test_downscale_modes_are_what_they_say():
@@ -50,8 +58,15 @@ def test_downscale_modes_are_what_they_say():
     assert torch.allclose(downscale(hr, 3, "bicubic"), aa)
     plain = F.interpolate(hr, size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(downscale(hr, 3, "bilinear"), plain)
-    outs = [downscale(hr, 3, m) for m in DOWNSCALE_MODES]
-    assert all((a - b).abs().max() > 1e-3 for i, a in enumerate(outs) for b in outs[i + 1 :])
+    outs = {m: downscale(hr, 3, m) for m in DOWNSCALE_MODES}
+    distinct = [m for m in DOWNSCALE_MODES if m not in ("box", "pil-bicubic")]
+    assert all((outs[a] - outs[b]).abs().max() > 1e-2 for i, a in enumerate(distinct) for b in distinct[i + 1 :])
+    # pillow's bicubic is torch's antialiased bicubic (Keys a = -0.5) on the 8-bit image
+    assert (outs["pil-bicubic"] - quantize(outs["bicubic"]).float()).abs().max() <= 1 / 255 + 1e-6
+    # box is the block mean on the 8-bit image; matlab is MATLAB's imresize
+    assert (outs["box"] - F.avg_pool2d(quantize(hr).float(), 3)).abs().max() <= 1 / 255 + 1e-6  # fixed-point rounding
+    from training.imresize import imresize
+    assert torch.allclose(outs["matlab"], imresize(hr.double(), 1 / 3).float().clamp(0, 1), atol=1e-6)
     # antialiasing: a 1-px checkerboard becomes (nearly) flat grey with bicubic-AA, not with plain bilinear
     checker = ((torch.arange(24)[:, None] + torch.arange(24)[None, :]) % 2).float().expand(1, 3, 24, 24)
     assert downscale(checker, 3, "bicubic").std() < 0.05 < downscale(checker, 3, "bilinear").std()
@@ -96,11 +111,110 @@ def test_one_downscale_mode_per_batch_and_all_modes_get_drawn():
         lr, info = deg.apply(hr, torch.Generator().manual_seed(s))
         assert torch.allclose(lr, downscale(hr, 2, info["mode"]))  # no blur/noise/JPEG: just the mode
         seen.add(info["mode"])
-    assert seen == set(DOWNSCALE_MODES)
+    assert seen == set(DEFAULT_DOWNSCALE)
     only_area = Degradation(scale=2, modes=("area",))
     assert only_area.apply(hr, torch.Generator().manual_seed(0))[1]["mode"] == "area"
     with pytest.raises(ValueError):
-        Degradation(modes=("lanczos",))
+        Degradation(modes=("nearest",))
+
+
+def _line_art(size: int = 64) -> torch.Tensor:
+    """Anti-aliased black curves on white, [1, 3, size, size] (drawn at 4x, then LANCZOS)."""
+    from PIL import Image, ImageDraw
+
+    big = Image.new("RGB", (size * 4, size * 4), "white")
+    d = ImageDraw.Draw(big)
+    for k in range(5):
+        d.ellipse((20 + 9 * k, 12 + 7 * k, 180 + 11 * k, 130 + 17 * k), outline=(20, 20, 20), width=6 + k)
+    d.line((0, 250, 255, 10), fill=(200, 40, 40), width=9)
+    small = np.asarray(big.resize((size, size), Image.Resampling.LANCZOS))
+    return torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def test_jpeg_really_compresses_at_420_and_shifts_its_grid():
+    from PIL import Image
+
+    img = _line_art(64)
+    a = jpeg(img, [30])
+    assert (a - img).abs().mean() > 0.01  # lossy
+    # the round trip is what pillow's own 4:2:0 encoder at that quality gives
+    buf = io.BytesIO()
+    Image.fromarray((img[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=30, subsampling=2)
+    ref = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal((a[0] * 255).round().byte(), ref)
+    # 8x8 block edges sit where the grid says: a shifted grid moves the blockiness
+    shifted = jpeg(img, [30], [(3, 5)])
+    assert shifted.shape == img.shape and not torch.equal(shifted, a)
+
+    def edge_energy(x: torch.Tensor, dx: int) -> float:  # mean jump across columns dx, dx+8, dx+16, ...
+        cols = torch.arange(dx + 7, x.shape[-1] - 1, 8)
+        return float((x[..., cols + 1] - x[..., cols]).abs().mean())
+
+    # the error's strongest block edges move with the grid offset (dx 5: columns 4, 12, ... instead of 7, 15, ...)
+    assert max(range(8), key=lambda d: edge_energy(shifted - img, d)) != max(range(8), key=lambda d: edge_energy(a - img, d))
+
+
+def test_each_lr_spec_is_8_bit_and_names_its_parts():
+    hr = _line_art(48)
+    assert parse_lr_spec("matlab") == ("matlab", 0) and parse_lr_spec("lanczos+jpeg75") == ("lanczos", 75)
+    for bad in ("nearest", "matlab+jpeg", "matlab+jpeg0", "matlab+png75"):
+        with pytest.raises(ValueError):
+            parse_lr_spec(bad)
+    clean = make_lr(hr, 2, "matlab")
+    assert clean.shape == (1, 3, 24, 24) and torch.equal(clean, (clean * 255).round() / 255)
+    j90, j75 = make_lr(hr, 2, "matlab+jpeg90"), make_lr(hr, 2, "matlab+jpeg75")
+    assert 0 < (j90 - clean).abs().mean() < (j75 - clean).abs().mean()  # lower quality, more damage
+
+
+def test_real_world_degradation_is_seeded_per_image_and_covers_its_stages():
+    deg = RealWorldDegradation(scale=2)
+    hr = _line_art(32).expand(8, 3, 32, 32).contiguous()
+    a, info_a = deg.apply(hr, torch.Generator().manual_seed(3))
+    b, info_b = deg.apply(hr, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and info_a == info_b  # a pure function of the seed
+    assert a.shape == (8, 3, 16, 16) and torch.equal(a, (a * 255).round() / 255)  # 8-bit, like a saved image
+    seen: dict[str, int] = {}
+    modes: set[str] = set()
+    for seed in range(60):
+        _, info = deg.apply(hr[:4], torch.Generator().manual_seed(seed))
+        for stages in info["stages"]:
+            for st in stages:
+                seen[st[0]] = seen.get(st[0], 0) + 1
+                if st[0] == "downscale":
+                    modes.add(st[1])
+    for stage in ("downscale", "blur", "intermediate", "noise", "jpeg", "blur2", "rescale2", "noise2", "jpeg2"):
+        assert seen.get(stage, 0) > 0, f"stage {stage} never drawn in 240 images"
+    assert modes == {"matlab", "pil-bicubic", "lanczos", "box", "bilinear", "pil-bilinear"}
+    assert 0.6 < seen["jpeg"] / 240 < 0.8  # 85% not clean x 80% JPEG
+    # a clean draw is exactly the papers' LR
+    clean = RealWorldDegradation(scale=2, clean_prob=1.0)
+    lr, info = clean.apply(hr[:2], torch.Generator().manual_seed(0))
+    assert info["stages"] == [[("downscale", "matlab")]] * 2
+    assert torch.equal(lr, make_lr(hr[:2], 2, "matlab"))
+    with pytest.raises(ValueError):
+        RealWorldDegradation(jpeg=(0, 95))
+
+
+def test_training_with_real_world_degradations_and_jpeg_validation(tmp_path):
+    from training import finetune
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    arr = (_line_art(48)[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    for i in range(3):
+        Image.fromarray(np.roll(arr, 7 * i, axis=1)).save(folder / f"a{i}.png")
+    out = tmp_path / "run"
+    argv = ["--arch", "Compact", "--arch-args", '{"num_feat": 8, "num_conv": 1}', "--data", str(folder), "--val",
+            str(folder), "--val-lr", "matlab", "matlab+jpeg75", "--degradation", "real", "--patch-size", "16",
+            "--batch-size", "2", "--steps", "2", "--threads", "1", "--no-progress", "--no-tensorboard", "--out", str(out)]
+    assert finetune.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_n"] == 6 and "val_psnr[matlab+jpeg75]" in summary
+    assert summary["val_psnr[matlab]"] > summary["val_psnr[matlab+jpeg75]"]
+    with pytest.raises(SystemExit):  # the real pipeline draws its own JPEG: --jpeg beside it is a usage error
+        finetune.parse_args([*argv[:-2], "--jpeg", "50", "--out", str(tmp_path / "other")])
+
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from PIL import Image
 
 from archs.errors import BadImageError
 
-from .degradations import Degradation, downscale
+from .degradations import Degradation, downscale, make_lr
 
 log = logging.getLogger("flexsr")
 
@@ -260,9 +260,13 @@ class StepBatches(torch.utils.data.Dataset):
 # Validation
 
 
-def val_pairs_from_arrays(images: Sequence[tuple[str, np.ndarray]], scale: int, crop: int = 0):
+def val_pairs_from_arrays(images: Sequence[tuple[str, np.ndarray]], scale: int, crop: int = 0,
+                          lr_specs: Sequence[str] = ("bicubic",)):
     """``(name, lr, hr)`` tensors from ``[H, W, 3]`` uint8 arrays: HR cropped to a multiple of the
-    scale (and to a centred ``crop`` square when ``crop > 0``), LR by antialiased bicubic."""
+    scale (and to a centred ``crop`` square when ``crop > 0``), LR by antialiased bicubic.
+
+    ``lr_specs`` other than the default make one pair per image and spec (``training.degradations.make_lr``:
+    8-bit LR, e.g. ``"matlab+jpeg75"``), named ``<image>@<spec>``."""
     pairs = []
     for name, arr in images:
         hr = torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1) / 255.0
@@ -277,13 +281,18 @@ def val_pairs_from_arrays(images: Sequence[tuple[str, np.ndarray]], scale: int, 
                         name, hr.shape[-1], hr.shape[-2], scale, MIN_VAL_SIDE + 2 * scale)
             continue
         hr = hr[:, :h, :w].contiguous()
-        lr = downscale(hr.unsqueeze(0), scale, "bicubic")[0]
-        pairs.append((name, lr, hr))
+        if tuple(lr_specs) == ("bicubic",):
+            pairs.append((name, downscale(hr.unsqueeze(0), scale, "bicubic")[0], hr))
+            continue
+        for spec in lr_specs:
+            pairs.append((f"{name}@{spec}", make_lr(hr.unsqueeze(0), scale, spec)[0], hr))
     return pairs
 
 
-def val_pairs_from_folder(folder: str | Path, scale: int, crop: int = 0, limit: int = 0):
-    """Validation pairs from the HR images of ``folder`` (LR made by antialiased bicubic)."""
+def val_pairs_from_folder(folder: str | Path, scale: int, crop: int = 0, limit: int = 0,
+                          lr_specs: Sequence[str] = ("bicubic",)):
+    """Validation pairs from the HR images of ``folder`` (LR made by antialiased bicubic, or by each of
+    ``lr_specs``)."""
     found = find_images(folder)
     if limit > 0:
         found = found[:limit]
@@ -296,4 +305,4 @@ def val_pairs_from_folder(folder: str | Path, scale: int, crop: int = 0, limit: 
             log.warning("Skipping unreadable validation image '%s' (%s: %s)", p, type(e).__name__, str(e)[:200])
     if not arrays:
         raise DatasetError(f"No usable validation image in '{folder}' ({len(found)} files, {unreadable} unreadable).")
-    return val_pairs_from_arrays(arrays, scale, crop)
+    return val_pairs_from_arrays(arrays, scale, crop, lr_specs)
