@@ -179,18 +179,45 @@ def _is_number(text: str) -> bool:
         return False
 
 
+#: The CPU features the speed of this pack's kernels depends on (lscpu / /proc/cpuinfo flag names).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> str:
+    """The CPU model and the flags that matter here, e.g. ``Intel(R) Xeon(R) Processor [avx2 fma avx512f
+    avx512_bf16 amx_bf16]`` (``no avx512`` / ``no native bf16`` said plainly where they are missing)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    if flags and "avx512f" not in flags:
+        have.append("no avx512")
+    if flags and not {"avx512_bf16", "amx_bf16"} & flags:
+        have.append("no native bf16")
+    return f"{model} [{' '.join(have) or 'flags unknown'}]"
+
+
 def machine_note() -> str:
-    """One line on where the figures were taken (CPU threads, load, versions)."""
+    """One line on where the figures were taken (CPU model and flags, threads, load, versions)."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (
-        f"{platform.processor() or platform.machine()}; {os.cpu_count()} CPU cores visible, torch threads "
+        f"{cpu_info()}; {os.cpu_count()} CPU cores visible, torch threads "
         f"{torch.get_num_threads()}; load average {load}; torch {torch.__version__}, python {platform.python_version()}"
     )
 
 
 __all__ = [
     "count_params", "count_macs", "cpu_latency", "interleaved", "conv3x3_limit", "load_average", "human",
-    "print_table", "machine_note",
+    "print_table", "machine_note", "cpu_info",
 ]
 
 

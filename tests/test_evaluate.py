@@ -116,23 +116,24 @@ def test_psnr_of_two_tiny_images_matches_a_hand_computation(tmp_path):
     model = nearest_model(tmp_path / "nearest_x2.safetensors", scale)
     out = tmp_path / "out.json"
     argv = ["--data-root", str(tmp_path / "data"), "--sets", "Tiny", "--no-published", "--scales", "2",
-            "--model", str(model), "--json", str(out)]
+            "--lr", "matlab", "--model", str(model), "--json", str(out)]
     assert load_evaluate().main(argv) == 0
     rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
-    got = rows["nearest_x2"]["results"]["Tiny"]
+    got = rows["nearest_x2"]["results"]["Tiny|matlab"]
     assert got["n"] == 2
     for name in names:
         assert got["per_image"][name][0] == pytest.approx(expected[name], abs=1e-9)
     assert got["psnr"] == pytest.approx(np.mean(list(expected.values())), abs=1e-9)
-    assert rows["bicubic"]["results"]["Tiny"]["n"] == 2
+    assert rows["bicubic"]["results"]["Tiny|matlab"]["n"] == 2
 
 
 def _art_folder(root: Path) -> Path:
+    """Three images of two kinds (file names as the art builder writes them), one flat, one broken."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:40, 0:44]
-    for i in range(3):
+    for i, kind in enumerate(("clipart", "painting", "clipart")):
         base = (np.sin(xx / (3 + i)) * np.cos(yy / (4 + i)) * 100 + 128)[..., None] + rng.normal(0, 6, (40, 44, 3))
-        save_png(root / f"pack{i % 2}" / f"img{i}.png", np.clip(base, 0, 255).astype(np.uint8))
+        save_png(root / f"pack{i % 2}" / f"{kind}_img{i}.png", np.clip(base, 0, 255).astype(np.uint8))
     save_png(root / "flat.png", np.full((40, 40, 3), 77, dtype=np.uint8))  # one colour: skipped
     (root / "broken.png").write_bytes(b"\x89PNG not really")  # unreadable: skipped
     (root / "manifest.jsonl").write_text("{}\n")
@@ -147,27 +148,53 @@ def test_command_end_to_end_on_tiny_models_and_a_tiny_art_folder(tmp_path, capsy
     x4 = save_model(EIMN(embed_dims=4, num_stages=1, scale=4), tmp_path / "tinyeimn_x4.safetensors")
     art = _art_folder(tmp_path / "art")
     js, md = tmp_path / "eval.json", tmp_path / "eval.md"
+    specs = ["matlab", "lanczos", "box", "matlab+jpeg75"]
     argv = ["--data-root", str(DATA), "--sets", "Set5", "--images", "bird", "--no-published", "--scales", "2",
-            "--model", str(x2), str(x4), "--art", str(art), "--reference", "tiny",
+            "--model", str(x2), str(x4), "--art", str(art), "--reference", "tiny", "--lr", *specs,
             "--json", str(js), "--markdown", str(md)]
     assert load_evaluate().main(argv) == 0
     text = capsys.readouterr().out
-    assert "images per column: Set5 1, art-bicubic 3, art-bilinear 3, art-area 3" in text
-    assert "one colour" in text and "unreadable" in text and "load average" in text
-    assert "difference to tiny" in text
+    assert "images per group: Set5 1, art 3, art:clipart 2, art:painting 1" in text
+    assert "one colour" in text and "unreadable" in text and "at start" in text and "avx" in text.lower()
+    assert "difference to tiny" in text and "== LR: matlab+jpeg75" in text
     report = json.loads(js.read_text())
     rows = {(r["scale"], r["model"]): r for r in report["rows"]}
     # bicubic at every scale evaluated; each model only at its own scale
     assert set(rows) == {(2, "bicubic"), (2, "tiny_x2"), (4, "bicubic"), (4, "tinyeimn_x4")}
     assert report["art"]["skipped"] == {"unreadable": 1, "one colour": 1}
+    assert report["art"]["kinds"] == {"clipart": 2, "painting": 1}
+    groups = ("Set5", "art", "art:clipart", "art:painting")
     for row in rows.values():
-        assert set(row["results"]) == {"Set5", "art-bicubic", "art-bilinear", "art-area"}
+        assert set(row["results"]) == {f"{g}|{spec}" for g in groups for spec in specs}
         for res in row["results"].values():
             assert 5 < res["psnr"] < 60 and 0 < res["ssim"] <= 1
-    # the three LR kinds are different inputs (at x2 torch's plain bilinear is the 2x2 mean, i.e. area)
+        # the whole art set is the mean over its kinds' images
+        per = row["results"]
+        assert per["art|matlab"]["psnr"] == pytest.approx(
+            (2 * per["art:clipart|matlab"]["psnr"] + per["art:painting|matlab"]["psnr"]) / 3)
+    # the LR kinds are different inputs
     bic = rows[(4, "bicubic")]["results"]
-    assert len({round(bic[c]["psnr"], 6) for c in ("art-bicubic", "art-bilinear", "art-area")}) == 3
+    assert len({round(bic[f"art|{c}"]["psnr"], 6) for c in specs}) == len(specs)
     assert "| x2 | tiny_x2 |" in md.read_text()
+
+
+def test_guard_passes_a_model_against_itself_and_fails_a_worse_one(tmp_path, capsys):
+    if not (DATA / "Set5" / "GTmod12").is_dir():
+        pytest.skip("Set5 not found")
+    torch.manual_seed(0)
+    ref = nearest_model(tmp_path / "ref_x2.safetensors", 2)  # nearest neighbour
+    worse = save_model(FlexNet(dim=8, num_blocks=(1, 1), scale=2), tmp_path / "random_x2.safetensors")  # noise
+    same = tmp_path / "same_x2.safetensors"
+    same.write_bytes(ref.read_bytes())
+    art = _art_folder(tmp_path / "art")
+    base = ["--data-root", str(DATA), "--sets", "Set5", "--images", "bird", "--no-published", "--scales", "2",
+            "--art", str(art), "--reference", "ref", "--lr", "matlab", "--guard"]
+    evaluate = load_evaluate()
+    assert evaluate.main([*base, "--model", str(ref), str(same)]) == 0
+    assert "-> PASS" in capsys.readouterr().out
+    assert evaluate.main([*base, "--model", str(ref), str(worse)]) == 3
+    text = capsys.readouterr().out
+    assert "guard x2 random_x2 vs ref_x2" in text and "-> FAIL" in text and "art:painting" in text
 
 
 def test_tiled_engine_path_matches_the_whole_image_forward(tmp_path):
@@ -194,17 +221,21 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_art_lr_uses_the_training_pipelines_downscale_and_matlab_bicubic():
-    from training.degradations import downscale
-    from training.metrics import quantize
+def test_set_lr_is_the_shipped_file_when_clean_and_made_from_hr_otherwise():
+    from training.degradations import make_lr
 
     evaluate = load_evaluate()
-    hr = torch.rand(1, 3, 24, 32)
-    for mode in ("bilinear", "area"):
-        want = quantize(downscale(hr, 4, mode)).float()
-        assert torch.equal(evaluate.make_lr(hr, 4, mode), want)
-    want = (imresize(hr.double() * 255, 0.25).round().clamp(0, 255) / 255).float()
-    assert torch.equal(evaluate.make_lr(hr, 4, "bicubic"), want)
+    root = DATA / "Set5"
+    if not (root / "LRbicx2").is_dir():
+        pytest.skip("Set5 not found")
+    (name, lr, hr), = list(evaluate.bench_pairs(root, 2, "matlab", ["bird"]))
+    shipped = torch.from_numpy(np.array(Image.open(root / "LRbicx2" / "bird.png").convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal((lr[0] * 255).round().byte(), shipped)
+    (_, lr75, _), = list(evaluate.bench_pairs(root, 2, "matlab+jpeg75", ["bird"]))
+    assert torch.equal(lr75, make_lr(hr, 2, "matlab+jpeg75"))
+    want = (imresize(hr.double() * 255, 0.5).round().clamp(0, 255) / 255).float()
+    got = make_lr(hr, 2, "matlab")
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6 and float((got == want).float().mean()) > 0.999
 
 
 def load_sweep():
@@ -218,10 +249,12 @@ def load_sweep():
     return sys.modules[name]
 
 
-def test_sweep_picks_the_alpha_whose_smallest_gain_is_largest():
+def test_sweep_picks_the_eligible_alpha_whose_smallest_gain_is_largest():
     pick = load_sweep().pick
     gains = {0.3: {"a": 0.4, "b": 0.1}, 0.5: {"a": 0.6, "b": 0.3}, 1.0: {"a": 2.0, "b": -0.2}}
     assert pick(gains) == 0.5
+    assert pick(gains, eligible={0.3, 1.0}) == 0.3  # 0.5 failed the clean guard
+    assert pick(gains, eligible=set()) is None  # none passes: ship the base
     assert pick({0.4: {"a": 0.2}, 0.6: {"a": 0.2}}) == 0.4  # a tie keeps more of the base
 
 
@@ -233,17 +266,23 @@ def test_sweep_end_to_end_scores_blends_and_writes_the_chosen_one(tmp_path, caps
     art = _art_folder(tmp_path / "art")
     out = tmp_path / "chosen.safetensors"
     sweep = load_sweep()
+    # two random networks: with a tolerance that admits both, one is chosen and written
     assert sweep.main(["--base", str(base), "--tuned", str(tuned), "--art", str(art), "--alphas", "0.5", "1",
-                       "--out", str(out)]) == 0
+                       "--lr", "matlab", "box", "--tolerance", "1000", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     lines = [ln for ln in text.splitlines() if ln.split(" ")[0] in ("0.5", "1")]
     assert len(lines) == 2 and sum("<- chosen" in ln for ln in lines) == 1
+    assert "clipart" in text and "painting" in text  # every kind of art is scored on its own
     chosen = 0.5 if "<- chosen" in lines[0] else 1.0
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert f"alpha = {chosen:g}" in meta["interpolation"] and "interpolation_sweep.py" in meta["command"]
+    # the tuned model scored against itself as the base: a blend no better and no worse passes the guard
+    assert sweep.main(["--base", str(tuned), "--tuned", str(tuned), "--art", str(art), "--alphas", "0.5",
+                       "--lr", "matlab"]) == 0
+    assert "<- chosen" in capsys.readouterr().out
     # an existing --out is refused before any work
     with pytest.raises(SystemExit):
         sweep.main(["--base", str(base), "--tuned", str(tuned), "--art", str(art), "--out", str(out)])
