@@ -40,3 +40,23 @@ class DamagedWeightsError(CorruptCheckpointError):
 
 class NonFiniteOutputError(FlexSRError, ArithmeticError):
     """A model turned a finite image into NaN or infinite values (damaged weights, or an overflow)."""
+
+
+class DiskFullError(FlexSRError, OSError):
+    """A file could not be written because its disk (or quota, or file-size limit) is full; nothing earlier was
+    replaced."""
+
+
+#: errno values that mean "no room": no space, quota exceeded, file too large.
+NO_ROOM_ERRNOS = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
+
+
+def is_no_room(error: BaseException) -> bool:
+    """Whether ``error`` (an OSError, or a library's error wrapping one, such as safetensors') means a full disk."""
+    import errno as _errno
+
+    codes = {getattr(_errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(_errno, n)} or set(NO_ROOM_ERRNOS)
+    if isinstance(error, OSError) and error.errno in codes:
+        return True
+    text = str(error).lower()
+    return any(w in text for w in ("no space left", "disk quota exceeded", "file too large", "file size limit"))

@@ -60,13 +60,38 @@ def test_a_slow_run_fits_its_whole_schedule_into_the_budget():
         seconds += 1.2  # 1.2 s a step: 100 steps would take 120 s
         s.observe(None if done <= Schedule.UNTIMED_STEPS else 1.2)
     # ends on budget, apart from the untimed start-up steps
-    assert 50 <= done <= 55 and seconds <= 60 + Schedule.UNTIMED_STEPS * 1.2
+    assert 50 <= done <= 55 and seconds <= 60 + Schedule.UNTIMED_STEPS * 1.2 + 1e-6
     assert 25 <= first_edge <= 30  # the plain-L1 warm-up keeps its half of the schedule
     assert s.lr_factor(done) == pytest.approx(0.0, abs=1e-3)  # fully decayed at the end
     assert s.extra > 0
     t = make("--time-budget", "1")
     t.load_state_dict(s.state_dict())
     assert t.extra == s.extra and t.step_seconds == s.step_seconds
+
+
+def test_the_budget_acts_from_the_first_steps_and_the_warmup_shrinks_with_it():
+    """26 s a step against a 6-minute budget for 800 steps: the schedule must notice by the fourth step (not after
+    25 steps, 11 minutes), end within the budget, and warm up over the same share of the shorter run."""
+    args = finetune.parse_args(["--arch", "Compact", "--steps", "800", "--time-budget", "6", "--lr-warmup", "30"])
+    s = Schedule(args, 400, 400)
+    done, seconds, lrs = 0, 0.0, []
+    while not s.finished(done):
+        lrs.append(s.lr_factor(done))
+        done += 1
+        seconds += 26.0
+        s.observe(None if done <= Schedule.UNTIMED_STEPS else 26.0)
+        if done == 4:
+            assert s.extra > 0, "the budget did not act on the first timed steps"
+    assert done <= 16 and seconds <= 6 * 60 + 2 * 26.0
+    assert max(lrs) > 0.8  # the warm-up (30 of 800 steps) ends inside the 15-step run ...
+    assert lrs[-1] < 0.2  # ... and the LR decays before the end
+    assert s.expected_steps(4) <= 20
+
+
+def test_warmup_defaults_to_a_share_of_the_run():
+    assert finetune.parse_args(["--arch", "Compact", "--steps", "100"]).lr_warmup == 5
+    assert finetune.parse_args(["--arch", "Compact", "--steps", "100000"]).lr_warmup == 100
+    assert finetune.parse_args(["--arch", "Compact", "--steps", "100", "--lr-warmup", "7"]).lr_warmup == 7
 
 
 def test_ema_ramps_up_and_tracks_the_weights():

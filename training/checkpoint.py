@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from archs.errors import CorruptCheckpointError, FlexSRError
+from archs.errors import CorruptCheckpointError, DiskFullError, FlexSRError, is_no_room
 
 log = logging.getLogger("flexsr")
 
@@ -37,6 +37,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except Exception as e:
+        if is_no_room(e):  # torch, safetensors and PIL each word it their own way
+            raise DiskFullError(f"No room to write '{path.name}' in {path.parent} (the disk or a size limit is "
+                                f"full); nothing was replaced. Free some space and run the command again.") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

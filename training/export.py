@@ -16,7 +16,7 @@ from torch import nn
 
 import archs
 
-from .checkpoint import read_jsonl
+from .checkpoint import atomic_write, atomic_write_text, read_jsonl
 from .metrics import bicubic_upscale
 from .models import export_name, export_safetensors, lineage, parameter_count
 from .runlog import METRICS_NAME
@@ -54,9 +54,7 @@ def side_by_side(model: nn.Module, pairs: list, scale: int, device, path: Path, 
     img = Image.new("RGB", (arr.shape[1], arr.shape[0] + 14), (255, 255, 255))
     img.paste(header, (0, 0))
     img.paste(Image.fromarray(arr), (0, 14))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def data_manifests(folders) -> dict[str, str]:
@@ -112,23 +110,37 @@ def provenance(args, device, seconds: float) -> dict[str, str]:
     }
 
 
-def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict, seconds: float) -> dict:
-    """Export the final (EMA) weights as .safetensors, write the side-by-side PNG and summary.json."""
+def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict, seconds: float,
+           best: dict | None = None, start_val: dict | None = None) -> dict:
+    """Export the best validated (EMA) weights (``--export best``, the default; the last ones with ``--export
+    last`` or without validation) as .safetensors, write the side-by-side PNG and summary.json (atomically), and
+    say plainly how the run ended against its start."""
     args = run.args
     final = (run.ema.model if run.ema else run.model)
     final = copy.deepcopy(final).cpu().eval()
-    for m in archs.fusable_modules(final):
-        m.refresh_fused()  # keep stored fused kernels in step with the trained branches
     records = read_jsonl(out / METRICS_NAME)
     steps_done = max((r["step"] for r in records), default=start)
+    which = getattr(args, "export", "best")
+    exported_step, exported_val = steps_done, last_val
+    if which == "best" and best is not None and best.get("weights") is not None and last_val \
+            and best["psnr"] > last_val["psnr"]:
+        final.load_state_dict(best["weights"])
+        exported_step, exported_val = int(best["step"]), best["val"]
+    for m in archs.fusable_modules(final):
+        m.refresh_fused()  # keep stored fused kernels in step with the trained branches
     meta = {
         "flexsr_architecture": run.loaded.architecture,
         "scale": run.loaded.scale,
         "steps": steps_done,
+        "exported_step": exported_step,
         "seed": args.seed,
         "command": " ".join(getattr(args, "command", []) or []),
         **provenance(args, run.dist.device, run.wall_before + seconds),
     }
+    if exported_val:
+        meta["val_psnr"] = f"{exported_val['psnr']:.4f}"
+    if start_val:
+        meta["val_psnr_start"] = f"{start_val['psnr']:.4f}"
     name = export_name(final, args.name)
     model_path = export_safetensors(final, out / f"{name}.safetensors", meta)
     png = None
@@ -141,20 +153,40 @@ def finish(run: Run, out: Path, start: int, stopped_early: bool, last_val: dict,
         "scale": run.loaded.scale,
         "parameters": parameter_count(final),
         "steps": steps_done,
+        "exported": {"which": "best" if exported_step != steps_done else "last", "export_flag": which,
+                     "step": exported_step, **({"val_psnr": exported_val["psnr"]} if exported_val else {})},
         "stopped_early": stopped_early,
         "schedule_by_time": run.scheduler.extra > 0,  # --time-budget changed the schedule (not step-exact)
         "seconds": seconds,
         "world_size": run.dist.world_size,
     }
+    if exported_val:
+        summary.update({f"val_{k}": v for k, v in exported_val.items()})
+        summary["val_gain_db"] = exported_val["psnr"] - exported_val["bicubic_psnr"]
     if last_val:
-        summary.update({f"val_{k}": v for k, v in last_val.items()})
-        summary["val_gain_db"] = last_val["psnr"] - last_val["bicubic_psnr"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("Exported %s", model_path)
-    if last_val:
+        summary["last_val"] = {"step": steps_done, **last_val}
+    if best is not None:
+        summary["best_val"] = {"step": int(best["step"]), **best["val"]}
+    if start_val:
+        summary["start_val"] = {"step": 0, **start_val}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("Exported %s (%s)", model_path, "the weights of step %d, the best validated" % exported_step
+             if exported_step != steps_done else "the last weights")
+    if exported_val:
         log.info("Held-out Y-PSNR %.3f dB vs bicubic %.3f dB: %+.3f dB (SSIM %.4f vs %.4f) over %d images.",
-                 last_val["psnr"], last_val["bicubic_psnr"], summary["val_gain_db"], last_val["ssim"],
-                 last_val["bicubic_ssim"], last_val["n"])
+                 exported_val["psnr"], exported_val["bicubic_psnr"], summary["val_gain_db"], exported_val["ssim"],
+                 exported_val["bicubic_ssim"], exported_val["n"])
+    if start_val and last_val:
+        d_last = last_val["psnr"] - start_val["psnr"]
+        d_exp = exported_val["psnr"] - start_val["psnr"] if exported_val else d_last
+        log.info("Against the starting model (step 0, %.3f dB): the last step %+.3f dB, the exported weights %+.3f dB.",
+                 start_val["psnr"], d_last, d_exp)
+        if d_last < 0:
+            log.warning("This fine-tune ended BELOW its start: the last weights score %.3f dB, %.3f dB less than the "
+                        "model it started from.%s", last_val["psnr"], -d_last,
+                        " The exported file holds the starting weights (no validated step beat them)."
+                        if exported_step == 0 else (f" The exported file holds step {exported_step}, the best validated."
+                                                    if exported_step != steps_done else ""))
     if png:
         log.info("Side-by-side (LR | bicubic | model | HR): %s", png)
     return summary

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: the pack root replaces trainin
         sys.path.insert(0, _root)
 
 from archs.errors import FlexSRError  # noqa: E402
-from training.degradations import DOWNSCALE_MODES  # noqa: E402
+from training.degradations import DEFAULT_DOWNSCALE, DOWNSCALE_MODES, parse_lr_spec  # noqa: E402
 from training.discriminators import KINDS as GAN_KINDS  # noqa: E402
 from training.losses import GAN_LOSSES  # noqa: E402
 
@@ -42,7 +42,7 @@ DEFAULT_ARGS = [
     "--scale", "2", "--name", DEFAULT_NAME, "--seed", "0", "--threads", "1",
     "--steps", "800", "--time-budget", "3", "--batch-size", "8", "--patch-size", "64",
     "--lr", "2e-3", "--lr-warmup", "30", "--ema", "0.99", "--val-every", "200", "--save-every", "100",
-    "--log-every", "50",
+    "--log-every", "50", "--edge-weight", "1",
 ]
 
 
@@ -90,11 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-crop", type=int, default=0, metavar="PX", help="validate on a centred PX square of each "
                    "image (0 = whole images)")
     d.add_argument("--val-max-images", type=int, default=0, metavar="N", help="use the first N validation images (0 = all)")
+    d.add_argument("--val-lr", nargs="+", default=None, metavar="SPEC", help="how validation LR images are made, one "
+                   "pair per image and SPEC, the score their mean: <downscale>[+jpeg<Q>], e.g. matlab matlab+jpeg75 "
+                   "(8-bit LR; default: antialiased bicubic)")
     d.add_argument("--patch-size", type=int, default=128, metavar="PX", help="HR patch side (a multiple of the scale)")
     d.add_argument("--batch-size", type=int, default=16, metavar="N", help="patches per step and process (under "
                    "torchrun each of the processes draws N patches of its own)")
-    d.add_argument("--downscale", nargs="+", choices=DOWNSCALE_MODES, default=list(DOWNSCALE_MODES),
-                   help="LR downscale modes; one is drawn per batch (bicubic is antialiased)")
+    d.add_argument("--degradation", choices=("classic", "real"), default="classic",
+                   help="classic = --downscale/--blur/--noise/--jpeg as given; real = the real-world pipeline of "
+                   "training/degradations.py (two rounds of editor downscalers, blur, noise and JPEG q 30-95 at 4:2:0, "
+                   "drawn per patch; --clean-prob of the patches get MATLAB bicubic only)")
+    d.add_argument("--clean-prob", type=float, default=0.15, metavar="P", help="--degradation real: share of clean "
+                   "(bicubic-only) patches")
+    d.add_argument("--downscale", nargs="+", choices=DOWNSCALE_MODES, default=list(DEFAULT_DOWNSCALE),
+                   help="LR downscale modes; one is drawn per batch (bicubic is antialiased; matlab = MATLAB imresize; "
+                   "pil-bicubic, lanczos, box, pil-bilinear = pillow's filters)")
     d.add_argument("--blur", type=float, default=0.0, metavar="SIGMA", help="max Gaussian blur sigma of HR before "
                    "downscaling (0 = off)")
     d.add_argument("--blur-prob", type=float, default=0.5, metavar="P", help="chance an image gets blurred")
@@ -115,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-val-size", type=int, default=128, metavar="PX", help="side of generated held-out images")
 
     lo = ap.add_argument_group("loss")
-    lo.add_argument("--edge-weight", type=float, default=1.0, metavar="W", help="after the warm-up the pixel loss is "
-                    "W * edge-weighted L1 + (1 - W) * L1 (edge weights: Sobel magnitude of the HR patch); 0 = plain L1")
+    lo.add_argument("--edge-weight", type=float, default=0.0, metavar="W", help="after the warm-up the pixel loss is "
+                    "W * edge-weighted L1 + (1 - W) * L1 (edge weights: Sobel magnitude of the HR patch); 0 = plain L1, "
+                    "what the shipped fine-tunes measured best (models/README.md); the embedded default run uses 1")
     lo.add_argument("--l1-warmup", type=int, default=None, metavar="N", help="plain-L1 steps before the edge-weighted "
                     "loss (and the GAN) start (default: half of --steps)")
     lo.add_argument("--gan", choices=GAN_KINDS, default=None, help="add an adversarial loss with this discriminator "
@@ -135,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
     t.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.99), metavar=("B1", "B2"), help="AdamW betas")
     t.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="AdamW weight decay")
-    t.add_argument("--lr-warmup", type=int, default=100, metavar="N", help="linear LR warm-up steps")
+    t.add_argument("--lr-warmup", type=int, default=None, metavar="N", help="linear LR warm-up steps (default: 5%% "
+                   "of --steps, at most 100); a --time-budget run warms up over the same share of its shortened schedule")
     t.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine", help="LR after the warm-up")
     t.add_argument("--min-lr", type=float, default=1e-6, metavar="LR", help="cosine floor")
     t.add_argument("--milestones", type=int, nargs="*", default=None, metavar="STEP", help="multistep: steps where the LR "
@@ -147,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="mixed precision: auto = bf16 (fp16 where bf16 is unsupported) on CUDA, none on CPU")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's local GPU)")
-    t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads (0 = torch's default)")
+    t.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads; 0 = measured: the run "
+                   "times 1 thread against all cores over a few steps, keeps the faster and measures again every 10 "
+                   "minutes (on a busy machine one thread is often several times faster); give N for bit-exact reruns")
     t.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the weights and the data: batch k is a pure function of "
                    "(seed, k, rank)")
 
@@ -157,13 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--name", help="name of the exported model, a plain file name (default: <arch>_x<scale> when "
                    "--scale is given, else <arch>; with --pretrained the file's stem in place of <arch>; the "
                    f"embedded default run: {DEFAULT_NAME})")
+    o.add_argument("--export", choices=("best", "last"), default="best", help="which weights the exported "
+                   ".safetensors holds: the best validated ones (the starting model included) or the last ones; "
+                   "summary.json and the log give both scores")
     o.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out, replacing the "
                    "previous run's checkpoint, log, metrics and model (without it a non-empty --out needs --resume)")
     o.add_argument("--save-every", type=int, default=500, metavar="N", help="write checkpoint.pt every N steps "
                    "(atomically) and at the end")
-    o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT", help="continue from CKPT "
-                   "(default: --out's checkpoint.pt; starts fresh if there is none). Same seed and settings give the "
-                   "same loss curve as an uninterrupted run")
+    o.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN", help="continue a run: RUN is "
+                   "its folder or checkpoint (default: --out's checkpoint.pt; starts fresh if there is none). The run's "
+                   "own arguments come back from its checkpoint, so `--resume runs/x` alone is enough; flags given "
+                   "beside it may change only how it runs (--threads, --time-limit, --log-every, ...), not what it "
+                   "trains. Same seed and settings give the same loss curve as an uninterrupted run")
     o.add_argument("--time-budget", type=float, default=0.0, metavar="MIN", help="fit the whole schedule (L1 warm-up, "
                    "GAN start, LR decay) into MIN minutes of training steps (validation and checkpoints come on top): a "
                    "machine too slow for --steps in that time advances the schedule by time and does fewer steps; a fast "
@@ -217,7 +236,7 @@ def _epilog() -> str:
         "examples:",
         "  python training/finetune.py --arch FlexNet --scale 4 --data imgs/ --val val/ --steps 50000",
         "  python training/finetune.py --pretrained 4x_model.pth --scale 2 --freeze-body-steps 1000 --data imgs/",
-        "  python training/finetune.py --out runs/a --resume            # continue a killed run",
+        "  python training/finetune.py --resume runs/a                  # continue a stopped run (Ctrl-C saves)",
         "  torchrun --nproc_per_node 4 training/finetune.py --arch FlexNet --data imgs/ --batch-size 8",
         "  torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 \\",
         "      training/finetune.py --arch FlexNet --data imgs/            # (node_rank 1 on the other machine)",
@@ -249,21 +268,123 @@ def uses_default_run(argv: list[str]) -> bool:
     return not any(a.split("=", 1)[0] in ("--arch", "--pretrained", "--data") for a in argv)
 
 
+#: Flags that change only how a run runs, not what it trains: they may differ on --resume.
+RUNTIME_FLAGS = {"threads", "workers", "device", "time_limit", "log_every", "no_progress", "tensorboard", "resume",
+                 "out", "save_every", "val_every", "cache_mb", "export"}
+
+
+class ResumeArgsError(ValueError):
+    """--resume was given arguments that conflict with the run's own."""
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options that appear in ``argv`` (``--flag`` or ``--flag=value``)."""
+    found = set()
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public way to ask this
+        for opt in action.option_strings:
+            if any(tok == opt or tok.startswith(opt + "=") for tok in argv):
+                found.add(action.dest)
+    return found
+
+
+def resume_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str] | None:
+    """With --resume, the argument list the run was started with, plus the runtime flags given now; None when
+    there is nothing to resume (no --resume, or no checkpoint yet)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--resume", nargs="?", const="auto", default=None)
+    probe.add_argument("--out")
+    known, _ = probe.parse_known_args(argv)
+    if known.resume is None:
+        return None
+    from training.checkpoint import load_checkpoint, previous_path
+
+    if known.resume != "auto":
+        target = Path(known.resume)
+        ckpt = target / "checkpoint.pt" if target.is_dir() else target
+    elif known.out:
+        ckpt = Path(known.out) / "checkpoint.pt"
+    else:
+        return None
+    candidates = [c for c in (ckpt, previous_path(ckpt)) if c.is_file()]
+    saved = None
+    for cand in candidates:
+        try:
+            saved = load_checkpoint(cand).get("args", {})
+            break
+        except Exception:  # noqa: BLE001 - a damaged file: the previous one, or the run reports it later
+            continue
+    if not saved or not saved.get("command"):
+        return None
+    old_argv = list(saved["command"][2:])
+    given = given_flags(parser, argv)
+    now = parser.parse_args(_with_default(argv))
+    then = parser.parse_args(_with_default(old_argv))
+    conflicts = [d for d in sorted(given - RUNTIME_FLAGS) if getattr(now, d) != getattr(then, d)]
+    if conflicts:
+        parts = [f"--{d.replace('_', '-')} {getattr(now, d)!r} (the run has {getattr(then, d)!r})" for d in conflicts]
+        raise ResumeArgsError(f"--resume {ckpt.parent}: {'; '.join(parts)}: a resumed run keeps its own settings; drop "
+                              f"{'it' if len(parts) == 1 else 'them'}, or start afresh with --overwrite or another --out")
+    keep = [tok for tok in old_argv]
+    runtime = [d for d in given & RUNTIME_FLAGS if d not in ("resume", "out")]
+    extra = []
+    for action in parser._actions:  # noqa: SLF001
+        if action.dest in runtime:
+            for i, tok in enumerate(argv):
+                if tok in action.option_strings or any(tok.startswith(o + "=") for o in action.option_strings):
+                    end = i + 1
+                    while end < len(argv) and not argv[end].startswith("--"):
+                        end += 1
+                    extra += argv[i:end]
+    resume_flag = ["--resume", str(ckpt)] if known.resume != "auto" else ["--resume"]
+    out_flag = ["--out", str(ckpt.parent)]
+    return [*_strip(keep, ("--resume", "--out", "--overwrite")), *extra, *out_flag, *resume_flag]
+
+
+def _with_default(argv: list[str]) -> list[str]:
+    return [*DEFAULT_ARGS, *argv] if uses_default_run(argv) else list(argv)
+
+
+def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given flags and their values."""
+    out, skip = [], False
+    for tok in argv:
+        if skip and not tok.startswith("--"):
+            continue
+        skip = False
+        if tok in flags or any(tok.startswith(f + "=") for f in flags):
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        resumed = resume_argv(parser, argv)
+    except ResumeArgsError as e:
+        parser.error(str(e))
+    if resumed is not None:
+        argv = resumed
     if uses_default_run(argv):
         argv = [*DEFAULT_ARGS, *argv]  # the embedded default, with whatever was given on top
-    parser = build_parser()
     args = parser.parse_args(argv)
+    args.resumed_from_checkpoint_args = resumed is not None
     if args.arch and args.pretrained:
         parser.error("give --arch or --pretrained, not both")
     if not args.arch and not args.pretrained:
         args.arch = DEFAULT_ARCH
         if args.arch_args is None:
             args.arch_args = _json_dict(json.dumps(DEFAULT_ARCH_ARGS))
-    if args.name is None:
-        base = args.arch or Path(args.pretrained).stem
-        args.name = f"{base}_x{args.scale}" if args.scale else base
+    if args.name is None:  # never the name of the file it starts from (a shipped model's, say)
+        if args.arch:
+            args.name = f"{args.arch}_x{args.scale}" if args.scale else args.arch
+        else:
+            stem = Path(args.pretrained).stem
+            args.name = f"{stem}_x{args.scale}_ft" if args.scale else f"{stem}_ft"
+    if args.lr_warmup is None:
+        args.lr_warmup = max(1, min(100, round(0.05 * args.steps)))
     if args.out is None:
         args.out = str(Path("runs") / args.name)
     if args.workers is None:
@@ -315,7 +436,17 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             fail("--" + name.replace("_", "-"), value, "must be greater than 0")
-    for name in ("blur_prob", "noise_prob", "jpeg_prob", "edge_weight"):
+    for spec in args.val_lr or []:
+        try:
+            parse_lr_spec(spec)
+        except ValueError as e:
+            fail("--val-lr", spec, str(e).split(": ", 1)[-1])
+    if args.degradation == "real":
+        given = [f for f, v, d in (("--blur", args.blur, 0.0), ("--noise", args.noise, 0.0), ("--jpeg", args.jpeg, 0),
+                                   ("--downscale", list(args.downscale), list(DEFAULT_DOWNSCALE))) if v != d]
+        if given:
+            parser.error(f"argument --degradation: 'real' draws its own downscalers, blur, noise and JPEG; drop {', '.join(given)}")
+    for name in ("blur_prob", "noise_prob", "jpeg_prob", "edge_weight", "clean_prob"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 1:
             fail("--" + name.replace("_", "-"), value, "must be between 0 and 1")
@@ -328,7 +459,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.scale is not None and not 1 <= args.scale <= 16:
         fail("--scale", args.scale, "the upscale factor must be 1..16")
     if args.scale is not None and args.patch_size % args.scale:
-        fail("--patch-size", args.patch_size, f"must be a multiple of --scale {args.scale}")
+        fail("--patch-size", args.patch_size, f"must be a multiple of --scale {args.scale} (--patch-size defaults to "
+             f"128: give one that is, e.g. {max(args.scale, args.patch_size // args.scale * args.scale)})")
     if any(m < 0 for m in args.milestones):
         fail("--milestones", args.milestones, "steps must be at least 0")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", str(args.device)):
@@ -343,11 +475,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for flag, value in (("--pretrained", args.pretrained),):
         if value and not Path(value).is_file():
             fail(flag, value, "no such file")
-    for folder in args.data or []:
-        if not Path(folder).is_dir():
-            fail("--data", folder, "no such folder")
-    if args.val and not Path(args.val).is_dir():
-        fail("--val", args.val, "no such folder")
+    for flag, folders in (("--data", args.data or []), ("--val", [args.val] if args.val else [])):
+        for folder in folders:
+            if Path(folder).is_file():
+                fail(flag, folder, "is a file; give the folder that holds the images")
+            if not Path(folder).is_dir():
+                fail(flag, folder, "no such folder")
     if args.resume not in (None, "auto") and not Path(args.resume).exists():
         from training.checkpoint import previous_path
 
@@ -373,13 +506,21 @@ def check_out_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                      f"--resume to continue it or --overwrite to replace it")
 
 
+def resume_command(out: str | Path) -> str:
+    return f"python training/finetune.py --resume {shlex.quote(str(out))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_out_folder(build_parser(), args)
     _setup_console_logging()
     if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
         log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
-    from training.loop import train
+    if args.resumed_from_checkpoint_args:
+        log.info("--resume: the run's own arguments: %s", " ".join(shlex.quote(a) for a in args.command[2:]))
+    from archs.errors import DiskFullError
+    from training.loop import TrainingInterrupted, train
+    from training.runlog import RunLockedError
 
     if args.overwrite and os.environ.get("RANK", "0") == "0":
         from training.checkpoint import clear_previous_run
@@ -388,9 +529,19 @@ def main(argv: list[str] | None = None) -> int:
             log.info("--overwrite: removed the previous run's %s", p.name)
     try:
         summary = train(args)
-    except (FlexSRError, ValueError, FileNotFoundError) as e:
-        log.debug("failed", exc_info=True)
-        log.error("%s", e)
+    except TrainingInterrupted as e:
+        print(f"{e}\nTo continue: {resume_command(args.out)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        ckpt = Path(args.out) / "checkpoint.pt"
+        where = (f"the last checkpoint in {args.out} stays; to continue: {resume_command(args.out)}" if ckpt.exists()
+                 else "no checkpoint was written yet; run the command again to start over")
+        print(f"Interrupted: {where}", file=sys.stderr)
+        return 130
+    except DiskFullError as e:
+        print(f"error: {e} The previous checkpoint is intact; to continue: {resume_command(args.out)}", file=sys.stderr)
+        return 1
+    except (RunLockedError, FlexSRError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary:

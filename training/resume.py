@@ -19,7 +19,7 @@ log = logging.getLogger("flexsr")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def checkpoint_state(run: Run, step: int, rng_states: list) -> dict:
+def checkpoint_state(run: Run, step: int, rng_states: list, best: dict | None = None) -> dict:
     state = {
         "step": step,
         "model": run.model.state_dict(),
@@ -34,6 +34,8 @@ def checkpoint_state(run: Run, step: int, rng_states: list) -> dict:
     }
     if run.ema is not None:
         state["ema"] = run.ema.model.state_dict()
+    if best is not None:  # the best validated weights so far and the starting model's score (plain data)
+        state["best"] = best
     if run.disc is not None:
         state["disc"] = run.disc.state_dict()
         state["d_optimizer"] = run.d_optimizer.state_dict()
@@ -60,7 +62,17 @@ def restore(run: Run, state: dict) -> int:
         if k in saved and saved[k] != getattr(run.args, k, None):
             log.warning("Resuming with --%s %s, but the checkpoint was made with %s: the run will not match an "
                         "uninterrupted one.", k.replace("_", "-"), getattr(run.args, k, None), saved[k])
-    run.model.load_state_dict(state["model"])
+    try:
+        run.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        from archs.errors import IncompatibleWeightsError
+
+        first = " ".join(str(e).split())[:160]
+        raise IncompatibleWeightsError(
+            f"the checkpoint holds another model than this run builds ({state.get('arch', {}).get('name', '?')} x"
+            f"{state.get('arch', {}).get('scale', '?')} against {run.loaded.architecture} x{run.loaded.scale}): "
+            f"{first}...; resume it with its own arguments (--resume RUN alone) or start afresh with --overwrite"
+        ) from None
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -80,11 +92,13 @@ def restore(run: Run, state: dict) -> int:
     return int(state["step"])
 
 
-def resume_or_start(run: Run, metrics: MetricsLog, out: Path) -> int:
-    """The step the run starts at: with --resume, that of the checkpoint (its state put back into ``run``, the
-    metrics file cut back to it); otherwise 0, with a fresh metrics file."""
+def resume_or_start(run: Run, metrics: MetricsLog, out: Path) -> tuple[int, dict | None]:
+    """The step the run starts at and the best validation it had: with --resume, those of the checkpoint (its
+    state put back into ``run``, the metrics file cut back to its step); otherwise 0 and None, with a fresh
+    metrics file. A --resume that finds no checkpoint yet starts at 0 and drops the metrics of the killed
+    attempt."""
     args, dist = run.args, run.dist
-    start = 0
+    start, best = 0, None
     ckpt_path = out / CHECKPOINT_NAME
     if args.resume:
         path = ckpt_path if args.resume == "auto" else Path(args.resume)
@@ -92,6 +106,7 @@ def resume_or_start(run: Run, metrics: MetricsLog, out: Path) -> int:
         if found is not None:
             state, path = found
             start = restore(run, state)
+            best = state.get("best")
             if dist.is_main:
                 kept = truncate_jsonl(metrics.path, start)
                 log.info("Resumed from %s at step %d (%d metric records kept).", path, start, kept)
@@ -99,13 +114,15 @@ def resume_or_start(run: Run, metrics: MetricsLog, out: Path) -> int:
             raise FileNotFoundError(f"--resume {path}: no such checkpoint.")
         else:
             log.info("--resume: no checkpoint in %s yet; starting from step 0.", out)
+            if dist.is_main and metrics.path.exists():
+                metrics.path.unlink()  # records of an attempt killed before its first checkpoint
     elif dist.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run starts a fresh log
-    return start
+    return start, best
 
 
-def save_run(run: Run, out: Path, step: int) -> None:
+def save_run(run: Run, out: Path, step: int, best: dict | None = None) -> None:
     """Write ``out/checkpoint.pt`` after ``step`` steps (rank 0), with every rank's RNG state."""
     rngs = D.gather_objects(rng_state(), run.dist)
     if run.dist.is_main:
-        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run, step, rngs))
+        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(run, step, rngs, best))

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import distributed as D
 from .data import ImageSet, PatchSampler, StepBatches, scan_folders, val_pairs_from_arrays, val_pairs_from_folder
-from .degradations import Degradation
+from .degradations import Degradation, RealWorldDegradation
 from .discriminators import make_discriminator
 from .ema import EMA
 from .losses import PixelLoss
@@ -108,13 +108,16 @@ def make_data(args, scale: int, is_main: bool) -> tuple[ImageSet, list]:
     val_pairs: list = []
     if is_main:
         if args.val:
-            val_pairs = val_pairs_from_folder(args.val, scale, args.val_crop, args.val_max_images)
+            val_pairs = val_pairs_from_folder(args.val, scale, args.val_crop, args.val_max_images,
+                                              getattr(args, "val_lr", None) or ("bicubic",))
         elif not args.data and args.synthetic_val_count > 0:
             size = args.synthetic_val_size
             held = make_images(args.synthetic_val_count, (size, size), args.seed, "val")
             val_pairs = val_pairs_from_arrays([(f"heldout_{i:02d}", a) for i, a in enumerate(held)], scale, args.val_crop)
         if val_pairs:
-            log.info("Validation: %d images (LR by antialiased bicubic).", len(val_pairs))
+            specs = getattr(args, "val_lr", None)
+            log.info("Validation: %d images (LR by %s).", len(val_pairs),
+                     ", ".join(specs) + ", one pair per image and kind" if specs else "antialiased bicubic")
     return images, val_pairs
 
 
@@ -135,7 +138,8 @@ def build_run(args, dist: D.DistInfo) -> Run:
     log.info("Model: %s x%d, %s parameters%s.", loaded.architecture, scale, f"{parameter_count(model):,}",
              f", {len(loaded.reinitialized)} tensors re-initialized" if args.pretrained and loaded.reinitialized else "")
     if args.patch_size % scale:
-        raise ValueError(f"--patch-size {args.patch_size} must be a multiple of the scale {scale}.")
+        raise ValueError(f"argument --patch-size: invalid value {args.patch_size}: must be a multiple of the model's "
+                         f"scale {scale} (from {args.pretrained or '--scale'}); e.g. {args.patch_size // scale * scale or scale}.")
     norm_mode = getattr(args, "norm_stats", "auto")
     if norm_mode == "frozen" or (norm_mode == "auto" and args.pretrained):
         frozen_norms = freeze_norm_statistics(model)
@@ -143,10 +147,15 @@ def build_run(args, dist: D.DistInfo) -> Run:
             log.info("Norm statistics: %d batch-norm layers keep their running statistics (--norm-stats %s).",
                      frozen_norms, norm_mode)
     images, val_pairs = make_data(args, scale, dist.is_main)
-    degradation = Degradation(
-        scale=scale, modes=tuple(args.downscale), blur=args.blur, blur_prob=args.blur_prob,
-        noise=args.noise, noise_prob=args.noise_prob, jpeg=args.jpeg, jpeg_prob=args.jpeg_prob,
-    )
+    if getattr(args, "degradation", "classic") == "real":
+        degradation = RealWorldDegradation(scale=scale, clean_prob=args.clean_prob)
+        log.info("Degradation: real-world, two rounds (training/degradations.py RealWorldDegradation); "
+                 "%.0f%% of patches clean (MATLAB bicubic only).", 100 * args.clean_prob)
+    else:
+        degradation = Degradation(
+            scale=scale, modes=tuple(args.downscale), blur=args.blur, blur_prob=args.blur_prob,
+            noise=args.noise, noise_prob=args.noise_prob, jpeg=args.jpeg, jpeg_prob=args.jpeg_prob,
+        )
     sampler = PatchSampler(images, args.patch_size, args.batch_size, degradation, args.seed, not args.no_augment)
     l1_warmup = args.steps // 2 if args.l1_warmup is None or args.l1_warmup < 0 else args.l1_warmup
     gan_start = l1_warmup if args.gan_start is None or args.gan_start < 0 else args.gan_start
@@ -204,4 +213,12 @@ def make_loader(run: Run, start: int) -> torch.utils.data.DataLoader:
         StepBatches(run.sampler, start, args.steps, dist.rank), batch_size=None, shuffle=False,
         num_workers=args.workers, pin_memory=dist.device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if args.workers > 0 else None,
+        worker_init_fn=_ignore_interrupts if args.workers > 0 else None,
     )
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which finishes its step and saves a checkpoint."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -5,9 +5,54 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
+from archs.errors import FlexSRError
+
 log = logging.getLogger("flexsr")
+
+LOCK_NAME = ".run.lock"
+
+
+class RunLockedError(FlexSRError):
+    """Another process is running the same run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as a process trains in it (``with RunLock(out): ...``).
+
+    ``flock`` on ``<out>/.run.lock``: the kernel drops it when the process ends however it ends, so a lock left
+    by a killed run never blocks the next one (a stale lock file is simply taken over). The file holds the pid
+    of the holder, which the refusal names. Where ``fcntl`` is missing (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by a running training process (pid {holder}): wait "
+                                 f"for it to finish or stop it, or use another --out.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock; the file stays (harmless, reused next time)
+            self.fd = None
 
 METRICS_NAME = "metrics.jsonl"
 

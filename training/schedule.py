@@ -22,9 +22,11 @@ class Schedule:
     """
 
     #: First steps of each (resumed) segment that are not measured: they carry start-up costs.
-    UNTIMED_STEPS = 5
-    #: Timed steps averaged before the clock may move the schedule.
+    UNTIMED_STEPS = 1
+    #: Timed steps whose median is the estimate (refined with each one) before the moving average takes over.
     CALIBRATION_STEPS = 20
+    #: Timed steps needed before the clock may move the schedule at all.
+    FIRST_ESTIMATE = 3
     #: Weight of the newest step in the smoothed step time.
     SMOOTHING = 0.05
     #: The smoothed step time must exceed budget / steps by this factor before the clock counts, so
@@ -42,22 +44,37 @@ class Schedule:
         self._samples: list[float] = []
 
     def observe(self, seconds: float | None) -> None:
-        """Account for a step that took ``seconds`` (None: a start-up step, not counted)."""
+        """Account for a step that took ``seconds`` (None: a start-up step, not counted).
+
+        From the third timed step on, the median of the timed steps so far estimates a step's time; when it is
+        over the budget's share, the clock counts for every timed step (the earlier ones too, so the schedule
+        catches up at once, e.g. a 6-minute budget on a machine that needs 26 s a step acts from step 4, not 25).
+        After ``CALIBRATION_STEPS`` a moving average follows the machine's load.
+        """
         if self.budget <= 0 or seconds is None:
             return
         self.timed += 1
         allowed = self.budget / self.steps
-        if self.timed <= self.CALIBRATION_STEPS:  # the median of the first timed steps ...
+        if self.timed <= self.CALIBRATION_STEPS:
             self._samples.append(seconds)
             self.step_seconds = float(statistics.median(self._samples))
-            if self.timed == self.CALIBRATION_STEPS and self.step_seconds > self.MARGIN * allowed:
-                self.extra += self.timed * (self.step_seconds - allowed) / self.budget  # catch up
+            if self.timed >= self.FIRST_ESTIMATE and (self.step_seconds > self.MARGIN * allowed or self.extra > 0):
+                # every timed step so far at the median's excess (never taking back what already counted)
+                self.extra = max(self.extra, self.timed * max(0.0, self.step_seconds - allowed) / self.budget)
             return
         # ... then a moving average, each step clipped at twice the estimate (one hiccup is not a trend)
         a = self.SMOOTHING
         self.step_seconds = (1 - a) * self.step_seconds + a * min(seconds, 2 * self.step_seconds)
         if self.step_seconds > self.MARGIN * allowed or self.extra > 0:
             self.extra += max(0.0, (self.step_seconds - allowed) / self.budget)
+
+    def expected_steps(self, done: int) -> int:
+        """How many steps the whole schedule will take at the current pace (``--steps`` when step-based)."""
+        if self.extra <= 0 or not self.step_seconds:
+            return self.steps
+        left = max(0.0, 1.0 - self.progress(done))
+        per_step = max(1.0 / self.steps, self.step_seconds / self.budget)
+        return done + int(math.ceil(left / per_step))
 
     def progress(self, step: int) -> float:
         """Fraction of the schedule done after ``step`` steps (0..1)."""
@@ -75,9 +92,12 @@ class Schedule:
         cosine / multistep / constant over the progress."""
         a = self.args
         warm = a.lr_warmup
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
         p = self.progress(step)
+        if warm > 0 and self.extra == 0.0 and step < warm:
+            return (step + 1) / warm
+        if warm > 0 and self.extra > 0.0 and p < min(warm / self.steps, 0.99):
+            # a time-budgeted run: the warm-up is the same share of the (shorter) schedule
+            return max((step + 1) / self.steps, p) / min(warm / self.steps, 0.99)
         if a.schedule == "cosine":
             if self.extra == 0.0:  # the step-based schedule, exactly
                 t = (step - warm) / max(1, self.steps - warm)
