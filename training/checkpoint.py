@@ -8,6 +8,7 @@ moment leaves either the previous checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -78,7 +79,11 @@ def save_checkpoint(path: str | Path, state: dict) -> Path:
     prev = previous_path(path)
 
     def write(tmp: Path) -> None:
-        torch.save({"format": FORMAT_VERSION, **state}, tmp)
+        # serialised in memory, written by plain file I/O: a full disk is then an OSError (ENOSPC / EFBIG) that
+        # says so, where torch's own zip writer reports only "unexpected pos"
+        buf = io.BytesIO()
+        torch.save({"format": FORMAT_VERSION, **state}, buf)
+        tmp.write_bytes(buf.getbuffer())
         if path.exists():
             os.replace(path, prev)
 

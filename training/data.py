@@ -281,6 +281,9 @@ def val_pairs_from_arrays(images: Sequence[tuple[str, np.ndarray]], scale: int, 
                         name, hr.shape[-1], hr.shape[-2], scale, MIN_VAL_SIDE + 2 * scale)
             continue
         hr = hr[:, :h, :w].contiguous()
+        if bool((hr == hr[:, :1, :1]).all()):  # every method is exact on one colour: PSNR would be infinite
+            log.warning("Validation image '%s' is one colour%s; skipped.", name, " in its centre crop" if crop > 0 else "")
+            continue
         if tuple(lr_specs) == ("bicubic",):
             pairs.append((name, downscale(hr.unsqueeze(0), scale, "bicubic")[0], hr))
             continue

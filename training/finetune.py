@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_out_folder(build_parser(), args)
     _setup_console_logging()
-    if uses_default_run(list(sys.argv[1:] if argv is None else argv)):
+    if uses_default_run(list(sys.argv[1:] if argv is None else argv)) and not args.resumed_from_checkpoint_args:
         log.info("The embedded default run: %s", " ".join(shlex.quote(a) for a in args.command))
     if args.resumed_from_checkpoint_args:
         log.info("--resume: the run's own arguments: %s", " ".join(shlex.quote(a) for a in args.command[2:]))

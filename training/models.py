@@ -281,13 +281,14 @@ def _plain(v):
 def export_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s weights as .safetensors atomically, then read the file back through
     ``archs.load_model`` (what the loader node does) and check it rebuilds the same model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .checkpoint import atomic_write
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    data = save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})  # bytes: a full disk is an OSError
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     desc = archs.load_model(path)  # raises if the loader could not read what we wrote
     want = {k: _plain(v) for k, v in (getattr(model, "hyperparameters", {}) or {}).items()}
     got = {k: _plain(v) for k, v in (getattr(desc.model, "hyperparameters", {}) or {}).items()}
