@@ -47,6 +47,22 @@ def test_an_image_that_fits_runs_as_one_call_without_a_probe(pack):
     assert grey.shape == (2, 80, 60, 1) and torch.isfinite(grey).all()
 
 
+def test_an_image_off_the_models_grid_still_runs_as_one_call(pack):
+    """480x492 with an 8 px grid: one call (the model pads itself), not two tiles of 488 + 4."""
+    from archs.flexnet import FlexNet
+
+    engine = pack.nodes.engine
+    model = pack.archs.load_model(FlexNet(dim=8, num_blocks=(1,), window_size=8, hidden_rate=1, scale=2).state_dict())
+    assert engine.grid_unit(model) == 8
+    shapes = []
+    model.model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    for h, w in ((60, 123), (37, 44), (5, 3)):
+        shapes.clear()
+        out, report = engine.upscale_image(model, torch.rand(1, h, w, 3), device="cpu")
+        assert out.shape == (1, 2 * h, 2 * w, 3) and report.tiles == 1, report.text()
+        assert shapes == [(1, 3, h, w)]
+
+
 def test_a_tiled_cpu_run_keeps_its_working_set_small_and_probes_once(pack, monkeypatch):
     engine = pack.nodes.engine
     monkeypatch.setattr(engine, "CPU_WORKSET", 8 << 20)  # the image does not fit whole
