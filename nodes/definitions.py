@@ -6,6 +6,7 @@ import logging
 
 from . import host, model_io
 from .channels import ALPHA_MODES
+from .quality import jpeg_note
 from .engine import COMPILE_MODES, CPU_WORKSET, PRECISIONS, upscale_image
 
 log = logging.getLogger("flexsr")
@@ -108,11 +109,16 @@ class UpscaleImage:
                                "and runs are faster. auto = only for the families measured faster compiled here; "
                                "on = always; off = never. A failed compile falls back to the plain model.",
                 }),
+                "ensemble": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Upscale the 8 flips and quarter turns of the image and average them (each turned back "
+                               "exactly): a little cleaner (bench/bench_ensemble.py measures it), 8× the time.",
+                }),
             },
         }
 
     def upscale(self, upscale_model, image, tile_size=0, overlap=32, precision="auto", target_scale=0.0,
-                alpha="model", mask=None, invert_mask=True, compile="off"):
+                alpha="model", mask=None, invert_mask=True, compile="off", ensemble=False):
         bar = host.progress_bar(PROGRESS_STEPS)
 
         def progress(done: int, total: int) -> None:
@@ -122,10 +128,10 @@ class UpscaleImage:
             upscale_model, image, tile_size=tile_size, overlap=overlap, precision=precision,
             target_scale=target_scale, alpha_mode=alpha, mask=mask, invert_mask=invert_mask,
             progress=progress, check_cancel=host.check_interrupted,
-            compile=compile, compile_cache=host.compile_cache_dir() if compile != "off" else None,
+            compile=compile, compile_cache=host.compile_cache_dir() if compile != "off" else None, ensemble=ensemble,
         )
         bar.update_absolute(PROGRESS_STEPS, PROGRESS_STEPS)
-        text = report.text()
+        text = report.text() + "\n" + jpeg_note(image, upscale_model.scale, getattr(upscale_model, "flexsr_source", ""))
         log.info("FlexSR: %s", text.replace("\n", "; "))
         return {"ui": {"flexsr_plan": [text]}, "result": (out,)}
 
