@@ -1,18 +1,16 @@
-"""FlexSR's architecture registry, spandrel integration and the safe checkpoint loader."""
+"""FlexSR's architecture registry, spandrel integration, state-dict checks and the loader (files are read by
+:mod:`archs.files`)."""
 
 from __future__ import annotations
 
 import functools
 import gc
 import importlib
-import io
 import logging
 import os
-import pickletools
 import re
 import threading
 import warnings
-import zipfile
 from pathlib import Path, PurePath
 from typing import Iterable, Mapping
 
@@ -26,13 +24,12 @@ from spandrel import (
 )
 from spandrel import UnsupportedModelError as _SpandrelUnsupported
 
+from .files import check_views, read_checkpoint
 from .errors import (
     FlexSRError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     DamagedWeightsError,
     IncompatibleWeightsError,
-    UnsafeCheckpointError,
     UnsupportedModelError,
 )
 
@@ -43,7 +40,6 @@ StateDict = dict[str, torch.Tensor]
 #: Family modules of ``archs`` that define upscaling architectures; each exposes ``ARCHITECTURES``.
 FAMILY_MODULES: tuple[str, ...] = ("flexnet", "lmlt", "lamnet", "transformer_sr", "eimn")
 
-CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
 
 class FlexSRArchitecture(Architecture):
@@ -176,6 +172,7 @@ def check_state_dict(state_dict: Mapping, source: str = "state dict") -> None:
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CorruptCheckpointError(f"{source}: {_keys_named(not_tensors)} hold no tensor.")
+    check_views(state_dict, source)  # before any value is read: a stride-0 view can pose as 2^32 elements
     empty = [k for k, v in state_dict.items() if v.numel() == 0 and v.is_floating_point()]
     if empty:
         shapes = ", ".join(f"'{k}' {list(state_dict[k].shape)}" for k in empty[:5])
@@ -391,186 +388,13 @@ def combined_registry() -> ArchRegistry:
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a checkpoint file into a canonical state dict without executing code.
+    """Read a checkpoint file into a canonical state dict without executing code, within bounds
+    (:mod:`archs.files`).
 
     Supports .pth/.pt/.ckpt/.bin (torch pickles, read with ``weights_only=True``) and .safetensors.
     Unwraps ``params_ema`` (preferred), ``params``, ``state_dict``, ``model`` and ``module.`` prefixes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"Checkpoint not found: '{path}' does not exist or is not a file.")
-    if path.stat().st_size == 0:
-        raise CorruptCheckpointError(f"Checkpoint '{path.name}' is empty (0 bytes); download it again.")
-    ext = path.suffix.lower()
-    if ext == ".safetensors":
-        raw = _read_safetensors(path)
-    elif ext in CHECKPOINT_EXTENSIONS:
-        raw = _read_torch_pickle(path)
-    else:
-        raise CorruptCheckpointError(
-            f"'{path.name}' has extension '{ext}', which is not a checkpoint format FlexSR reads "
-            f"({', '.join(CHECKPOINT_EXTENSIONS)})."
-        )
-    return canonical_state_dict(raw, source=path.name)
-
-
-def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        kind = _sniff(path)
-        what = f"it is {kind}, not a .safetensors file" if kind else "truncated or corrupt"
-        raise CorruptCheckpointError(
-            f"'{path.name}' is not a readable .safetensors file ({what}): {_clean(str(e), 300)}"
-        ) from e
-
-
-_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_WO_ADVICE = re.compile(r"(weights_only|add_safe_globals|safe_globals|allowlist|re-running|trust)", re.I)
-
-
-def _clean(text: str, limit: int = 300) -> str:
-    """``text`` on one line without escape codes, control characters or torch's weights_only advice."""
-    text = _CONTROL.sub(" ", _ANSI.sub("", text))
-    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
-    text = " ".join(s for s in sentences if not _WO_ADVICE.search(s)).strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _sniff(path: Path) -> str:
-    """What a file that is not the checkpoint it claims to be actually is ("" when unknown)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return ""
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "a JPEG image"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "a WebP image"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "a GIF image"
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "a .safetensors file (rename it to .safetensors)"
-    if head.startswith((b"<", b"{", b"[")) or all(32 <= b < 127 or b in (9, 10, 13) for b in head):
-        return "a text file"
-    return ""
-
-
-def _pickle_bytes(path: Path) -> bytes | None:
-    """The pickle of a torch checkpoint: ``*/data.pkl`` of the zip format, else the file's start."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
-                if name is None or z.getinfo(name).file_size > 256 << 20:
-                    return None
-                return z.read(name)
-        with open(path, "rb") as f:
-            return f.read(64 << 20)
-    except Exception:  # a damaged zip: the caller says so
-        return None
-
-
-def pickle_imports(data: bytes, max_pickles: int = 6) -> list[str] | None:
-    """The names the pickles at the start of ``data`` import, or None when ``data`` does not start
-    with a complete pickle (random bytes, an image, a truncated file). Reads opcodes only; runs nothing.
-
-    Consecutive pickles are read too (torch's legacy format is several: magic number, protocol,
-    system info, then the data).
-    """
-    names: list[str] = []
-    pos = 0
-    for i in range(max_pickles):
-        found = _one_pickle(data, pos, names)
-        if found is None:
-            return names if i else None
-        pos = found
-        if pos >= len(data):
-            break
-    return names
-
-
-def _one_pickle(data: bytes, start: int, names: list[str]) -> int | None:
-    """Scan the pickle at ``start``; add its imports to ``names``; return where it ends (None: not a pickle)."""
-    strings: list[str] = []
-    found: list[str] = []
-    try:
-        stream = io.BytesIO(data)
-        stream.seek(start)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # decoding random STRING operands warns about escapes
-            ops = list(pickletools.genops(stream))  # stops at the first STOP; positions are absolute
-    except Exception:
-        return None
-    for op, arg, pos in ops:
-        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
-                       "BINSTRING", "SHORT_BINSTRING"):
-            strings.append(str(arg))
-        elif op.name in ("GLOBAL", "INST"):
-            found.append(str(arg).replace(" ", "."))
-        elif op.name == "STACK_GLOBAL":
-            found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<computed name>")
-        elif op.name in ("EXT1", "EXT2", "EXT4"):
-            found.append(f"<copyreg extension {arg}>")
-        if op.name == "STOP":
-            names.extend(found)
-            return pos + 1
-    return None
-
-
-def _allowed_globals() -> set[str]:
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = set(_get_allowed_globals())
-    allowed |= {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}"
-                for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)}
-    return allowed
-
-
-def _read_torch_pickle(path: Path) -> object:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for the user
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler fails in many ways on damaged or foreign files
-        error = e
-    # Diagnose from the opcodes: only a complete pickle that imports names torch refuses is unsafe.
-    data = _pickle_bytes(path)
-    names = pickle_imports(data) if data is not None else None
-    if names is not None:
-        allowed = _allowed_globals()
-        foreign = [n for n in dict.fromkeys(names) if n not in allowed]
-        refused = re.search(r"GLOBAL ((?:\w+\.)+\w+)\b", str(error))  # torch names what it refused to import
-        if not foreign and names and refused and refused[1] not in allowed:
-            foreign = [refused[1]]  # (a name our opcode scan read from the memo differently)
-        if foreign:
-            shown = ", ".join(_clean(n, 80) for n in foreign[:5]) + (" …" if len(foreign) > 5 else "")
-            raise UnsafeCheckpointError(
-                f"Refused to load '{path.name}': it is a pickle that imports {shown}, which is more than "
-                f"tensors (unpickling it could run code). Nothing from it was executed. Ask its author for "
-                f"a .safetensors file."
-            ) from None
-    kind = _sniff(path) if names is None else ""
-    if names is None:
-        reason = f"it is {kind}" if kind else "it is not a PyTorch checkpoint or it is truncated or damaged"
-    else:
-        reason = "its pickle is damaged"
-    text = str(error)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    detail = _clean(text).removeprefix("Weights only load failed.").strip()
-    raise CorruptCheckpointError(
-        f"'{path.name}' cannot be read: {reason}" + (f" ({detail})." if detail and not kind else ".")
-    ) from None
+    return canonical_state_dict(read_checkpoint(path), source=Path(path).name)
 
 
 #: Containers of a state dict, most preferred first (EMA weights over raw ones).
@@ -610,6 +434,7 @@ def canonical_state_dict(raw: object, source: str = "state dict") -> StateDict:
     sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise CorruptCheckpointError(f"{source} contains no tensors; it is not a model checkpoint.")
+    check_views(sd, source)
     stripped = True
     while stripped and sd:
         stripped = False

@@ -103,13 +103,15 @@ def arch_label(model: ImageModelDescriptor) -> str:
     return name if arch_id.lower() == name.lower() else f"{name} ({arch_id})"
 
 
-_described: dict[str, tuple[tuple[int, int], str]] = {}
+_described: dict[str, tuple[tuple[int, int], str | FlexSRError]] = {}
 
 
 def describe_file(path: str | os.PathLike) -> str:
     """:func:`describe` of the model in ``path``, cached per file (path, size and modification time).
 
-    Loads the weights on the CPU (no forward pass) the first time; a changed file is read again.
+    Loads the weights on the CPU (no forward pass) the first time; a changed file is read again. A file that
+    fails to load is cached too (its error is raised again without reading the file again), so requests for a
+    crafted file cost its refusal once.
     """
     path = Path(path)
     st = path.stat()
@@ -117,8 +119,14 @@ def describe_file(path: str | os.PathLike) -> str:
     key = str(path.resolve())
     hit = _described.get(key)
     if hit is not None and hit[0] == stamp:
+        if isinstance(hit[1], FlexSRError):
+            raise hit[1]
         return hit[1]
-    text = describe(load(path))
+    try:
+        text = describe(load(path))
+    except FlexSRError as e:
+        _described[key] = (stamp, e)
+        raise
     _described[key] = (stamp, text)
     return text
 

@@ -283,8 +283,75 @@ def corrupt_file_cases() -> dict[str, tuple[Callable[[Path], Path], str]]:
     return cases
 
 
+def _rezip(data: bytes, replace: dict[str, bytes] | None = None, deflate: tuple[str, ...] = ()) -> bytes:
+    """A torch zip checkpoint rebuilt member by member: some members' bytes replaced, some deflated."""
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for info in src.infolist():
+            body = src.read(info.filename)
+            for suffix, new in (replace or {}).items():
+                if info.filename.endswith(suffix):
+                    body = new
+            packed = any(info.filename.endswith(d) for d in deflate)
+            z.writestr(info.filename, body, compress_type=zipfile.ZIP_DEFLATED if packed else zipfile.ZIP_STORED,
+                       compresslevel=9 if packed else None)
+    return out.getvalue()
+
+
+def _compact_sd() -> dict:
+    from spandrel.architectures.Compact import Compact
+
+    return dict(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict())
+
+
+def bomb_cases() -> dict[str, tuple[Callable[[Path], Path], str]]:
+    """Small files that unpack, unpickle or materialise into gigabytes or minutes (issue 22's loader bombs).
+    Built lazily (each is made when its builder runs); some are larger than 1 MB (the 16 MiB opcode file,
+    the 17 MB safetensors)."""
+    sd = {"a.weight": torch.randn(8, 8)}
+    opcodes = lambda n: b"\x80\x02" + b"]" * n + b"."  # noqa: E731 - n EMPTY_LIST opcodes, then STOP
+
+    def zip_opcodes(n: int) -> Callable[[Path], Path]:
+        return lambda folder: _write(f"opcodes{n >> 20}M.pth", _rezip(_torch_bytes(sd), {"data.pkl": opcodes(n)},
+                                                                       ("data.pkl",)))(folder)
+
+    def stride0(family: str) -> Callable[[Path], Path]:
+        def build(folder: Path) -> Path:
+            base = _compact_sd() if family == "compact" else state_dicts()[family]
+            base = dict(base)
+            base["zz.view"] = torch.zeros(1).expand(1 << 16, 1 << 16)  # 2**32 elements from one stored float
+            return _write(f"stride0_{family}.pth", _torch_bytes(base))(folder)
+        return build
+
+    def deflated_storage(folder: Path) -> Path:
+        data = _torch_bytes({"a.weight": torch.zeros(1 << 28)})  # 1 GiB of zeros, deflated below to ~1 MB
+        return _write("deflated_storage.pth", _rezip(data, deflate=("/data/0",)))(folder)
+
+    def many_tensors(folder: Path) -> Path:
+        return _write("many.safetensors", _st_bytes({f"t{i}": torch.zeros(1) for i in range(200_000)}))(folder)
+
+    return {
+        "bomb: deflated data.pkl of 10M list opcodes (~10 KB)": (zip_opcodes(10 << 20), "CorruptCheckpointError"),
+        "bomb: deflated data.pkl of 64M list opcodes (~64 KB)": (zip_opcodes(64 << 20), "CorruptCheckpointError"),
+        "bomb: stored data.pkl of 1M list opcodes (1 MiB)": (
+            lambda folder: _write("opcodes_stored.pth", _rezip(_torch_bytes(sd), {"data.pkl": opcodes(1 << 20)}))(folder),
+            "CorruptCheckpointError"),
+        "bomb: stored data.pkl of 200k list opcodes, under the size cap": (
+            lambda folder: _write("opcodes_small.pth", _rezip(_torch_bytes(sd), {"data.pkl": opcodes(200_000)}))(folder),
+            "CorruptCheckpointError"),
+        "bomb: legacy pickle of 16M list opcodes (16 MiB)": (
+            lambda folder: _write("opcodes_legacy.pth", opcodes(16 << 20)[:-1])(folder), "CorruptCheckpointError"),
+        "bomb: stride-0 view in a Compact file": (stride0("compact"), "DamagedWeightsError"),
+        "bomb: stride-0 view in a FlexNet file": (stride0("flexnet"), "DamagedWeightsError"),
+        "bomb: storage deflating to 1 GiB": (deflated_storage, "CorruptCheckpointError"),
+        "bomb: safetensors with 200,000 tensors": (many_tensors, "CorruptCheckpointError"),
+    }
+
+
 def crafted_cases() -> dict[str, tuple[Callable[[Path], Path], str]]:
-    """Every crafted/damaged checkpoint case with its expected error type name."""
+    """Every crafted/damaged checkpoint case with its expected error type name (the bombs: :func:`bomb_cases`)."""
     cases = {name: (b, "IncompatibleWeightsError") for name, b in structure_cases().items()}
     for name, b in damaged_weight_cases().items():
         cases[name] = (b, "DamagedWeightsError")

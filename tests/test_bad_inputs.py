@@ -70,6 +70,30 @@ def test_crafted_file_is_refused_fast_and_before_allocating(case, tmp_path, monk
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 
 
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.parametrize("case", list(crafted.bomb_cases()))
+def test_loader_bombs_are_refused_in_under_a_second_and_200_mb(case, tmp_path):
+    """Small files that unpickle, unpack or materialise into gigabytes: refused from what they declare."""
+    build, expected = crafted.bomb_cases()[case]
+    path = build(tmp_path)
+    can_measure = Path("/proc/self/clear_refs").exists()
+    if can_measure:
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from here
+    before = _peak_mb()
+    error, seconds, real = _refused(archs.load_model, path, expected)
+    grew = _peak_mb() - before
+    assert path.name in str(error) and "Traceback" not in str(error)
+    assert seconds < 1.0, f"{case}: {seconds:.2f} s"
+    assert not can_measure or grew < 200, f"{case}: +{grew:.0f} MB"
+    assert real == 0
+
+
 def test_random_bytes_are_corrupt_never_unsafe(tmp_path):
     """A fuzzing pass found 182 of 200 random files reported as unsafe pickles: all must be corrupt."""
     import random

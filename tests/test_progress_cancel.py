@@ -193,6 +193,13 @@ def test_model_descriptions_are_cached_per_file_version(pack, tmp_path, monkeypa
     os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock's resolution
     second = model_io.describe_file(path)
     assert len(loads) == 2 and "scale: 4×" in second and "scale: 2×" in first
+    # a file that fails is cached too: asking again raises the same error without reading it again
+    path.write_bytes(b"\x80\x02" + b"]" * 100_000)
+    os.utime(path, ns=(2, 2))
+    for _ in range(3):
+        with pytest.raises(pack.archs.FlexSRError):
+            model_io.describe_file(path)
+    assert len(loads) == 3
 
 
 def test_descriptions_name_an_architecture_once(pack):

@@ -360,3 +360,31 @@ def test_validation_pairs_are_mod_cropped_and_bicubic_downscaled():
     [(_, lr_c, hr_c)] = val_pairs_from_arrays([("x", arr)], 2, crop=16)
     assert hr_c.shape == (3, 16, 16) and lr_c.shape == (3, 8, 8)
     assert val_pairs_from_arrays([("tiny", arr[:12])], 2) == []  # SSIM's window would not fit
+
+
+def test_an_image_declaring_144_megapixels_is_skipped_before_decoding(tmp_path, caplog):
+    """A 400 KB PNG can declare 12000x12000: skipped from its header, one warning, no gigabytes decoded."""
+    import struct
+    import zlib
+
+    from training.data import ImageTooLargeError, read_rgb
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    w = h = 12000
+    z = zlib.compressobj(9)
+    row = b"\x00" * (w + 1)  # filter byte + a black grey row
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "huge.png").write_bytes(png)
+    _write(folder / "ok.png", size=(40, 48))
+    assert (folder / "huge.png").stat().st_size < 1 << 20
+    images = scan_folders([folder], 16)
+    assert len(images) == 1 and images.too_large == 1
+    assert "huge.png" in caplog.text and "144 MP" in caplog.text
+    with pytest.raises(ImageTooLargeError, match="12000x12000"):
+        read_rgb(folder / "huge.png")

@@ -27,6 +27,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SMALL_IMAGE_POLICIES = ("pad", "skip")
 #: SSIM's 11x11 window must fit after the ``scale``-pixel border is cropped on each side.
 MIN_VAL_SIDE = 11
+#: Training images above this many pixels are skipped (checked from the header before decoding): a 400 KB
+#: PNG can declare 12000x12000 (144 MP, 430 MB decoded, more in conversions). 40 MP is 8K x 5K.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class DatasetError(BadImageError):
@@ -50,9 +53,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb`)."""
+class ImageTooLargeError(BadImageError):
+    """An image declares more pixels than :data:`MAX_IMAGE_PIXELS` (checked before decoding)."""
+
+
+def read_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file to ``[H, W, 3]`` uint8 RGB (see :func:`to_rgb`); an image declaring more than
+    ``max_pixels`` raises :class:`ImageTooLargeError` before anything is decoded."""
     with Image.open(path) as im:
+        w, h = im.size
+        if max_pixels and w * h > max_pixels:
+            raise ImageTooLargeError(f"'{Path(path).name}' is {w}x{h} ({w * h / 1e6:.0f} MP), more than the "
+                                     f"{max_pixels / 1e6:.0f} MP an image may have here; downscale it first.")
         im.load()
         return np.ascontiguousarray(np.asarray(to_rgb(im), dtype=np.uint8))
 
@@ -61,6 +73,9 @@ def _probe(path: Path) -> tuple[int, int]:
     """(H, W) from the header, after a structural check; raises on unreadable files."""
     with Image.open(path) as im:
         w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:  # before verify(), which would decompress it
+            raise ImageTooLargeError(f"{w}x{h} = {w * h / 1e6:.0f} MP, more than {MAX_IMAGE_PIXELS / 1e6:.0f} MP; "
+                                     f"downscale it first")
         im.verify()
     if w < 1 or h < 1:
         raise ValueError("empty image")
@@ -96,6 +111,7 @@ class ImageSet:
     arrays: list[np.ndarray] = field(default_factory=list)
     min_size: int = 0
     unreadable: int = 0
+    too_large: int = 0
     padded: int = 0
     skipped_small: int = 0
     cache_bytes: int = 1 << 30
@@ -159,6 +175,10 @@ def scan_folders(folders: Sequence[str | Path], min_size: int, small: str = "pad
     for p in found:
         try:
             h, w = _probe(p)
+        except ImageTooLargeError as e:
+            images.too_large += 1
+            log.warning("Skipping image '%s': %s.", p, e)
+            continue
         except Exception as e:  # noqa: BLE001
             images.unreadable += 1
             log.warning("Skipping unreadable image '%s' (%s: %s)", p, type(e).__name__, str(e)[:200])

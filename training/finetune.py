@@ -271,6 +271,8 @@ def uses_default_run(argv: list[str]) -> bool:
 #: Flags that change only how a run runs, not what it trains: they may differ on --resume.
 RUNTIME_FLAGS = {"threads", "workers", "device", "time_limit", "log_every", "no_progress", "tensorboard", "resume",
                  "out", "save_every", "val_every", "cache_mb", "export"}
+#: Flags that may change on --resume to lengthen or shorten a run (its schedule is stretched: said in the log).
+EXTENDING_FLAGS = {"steps", "time_budget"}
 
 
 class ResumeArgsError(ValueError):
@@ -319,13 +321,18 @@ def resume_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str] |
     given = given_flags(parser, argv)
     now = parser.parse_args(_with_default(argv))
     then = parser.parse_args(_with_default(old_argv))
-    conflicts = [d for d in sorted(given - RUNTIME_FLAGS) if getattr(now, d) != getattr(then, d)]
+    conflicts = [d for d in sorted(given - RUNTIME_FLAGS - EXTENDING_FLAGS) if getattr(now, d) != getattr(then, d)]
     if conflicts:
         parts = [f"--{d.replace('_', '-')} {getattr(now, d)!r} (the run has {getattr(then, d)!r})" for d in conflicts]
         raise ResumeArgsError(f"--resume {ckpt.parent}: {'; '.join(parts)}: a resumed run keeps its own settings; drop "
                               f"{'it' if len(parts) == 1 else 'them'}, or start afresh with --overwrite or another --out")
     keep = [tok for tok in old_argv]
-    runtime = [d for d in given & RUNTIME_FLAGS if d not in ("resume", "out")]
+    runtime = [d for d in given & (RUNTIME_FLAGS | EXTENDING_FLAGS) if d not in ("resume", "out")]
+    for d in sorted(given & EXTENDING_FLAGS):
+        if getattr(now, d) != getattr(then, d):
+            print(f"note: --resume with --{d.replace('_', '-')} {getattr(now, d)} (the run had {getattr(then, d)}): "
+                  f"its schedule is stretched to it; the result will differ from a run started that way",
+                  file=sys.stderr)
     extra = []
     for action in parser._actions:  # noqa: SLF001
         if action.dest in runtime:
