@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 #: blockiness at or above this: "looks JPEG-compressed" (bench/bench_jpeg_detect.py, chosen on the val split).
-JPEG_THRESHOLD = 0.02
+JPEG_THRESHOLD = 0.012
 #: Images with fewer pixels than this on a side are not judged (too few blocks to tell).
 MIN_SIDE = 32
 #: The measure looks at a centre crop of at most this many pixels a side (~0.2 s on one CPU thread).
