@@ -492,14 +492,17 @@ class TileRunner:
         if self.compiled is not None and self.compiled.will_compile(x):
             log.info("FlexSR: compiling %s for %s (once per shape; later tiles and runs reuse it)",
                      self.model.architecture.name, tuple(x.shape))
-        with hooks, self.watch.call(tuple(x.shape)):
-            y = self._forward(x)
-            if self.dtype != torch.float32 and not all_finite(y):
-                log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
-                self.report.notes.append(f"{NAMES.get(self.dtype)} overflowed → fp32")
-                self.dtype = torch.float32
-                self.report.precision = "fp32"
+        with hooks:
+            if self.compiled is None and self.on_partial is not None and not self.watch.probed:
+                self._probe_watch(x)
+            with self.watch.call(tuple(x.shape)):
                 y = self._forward(x)
+                if self.dtype != torch.float32 and not all_finite(y):
+                    log.warning("FlexSR: %s overflowed; running in fp32 from here on.", NAMES.get(self.dtype))
+                    self.report.notes.append(f"{NAMES.get(self.dtype)} overflowed → fp32")
+                    self.dtype = torch.float32
+                    self.report.precision = "fp32"
+                    y = self._forward(x)
         if not all_finite(y):  # inputs are finite (check_image): the model produced NaN/Inf
             m = self.model
             arch = getattr(getattr(m, "architecture", None), "name", type(m).__name__)
@@ -509,6 +512,19 @@ class TileRunner:
                 f"its weights are probably damaged. Nothing was returned."
             )
         return y[: len(group)]
+
+    def _probe_watch(self, x: Tensor) -> None:
+        """Let the watch count the hooks this model fires on two tiny crops of ``x`` (a few ms), so progress
+        inside the first call rises smoothly to 100% (:meth:`.watch.ModuleWatch.probe`)."""
+        side = max(16, 2 * self.layout.align)
+
+        def run(n: int) -> None:
+            crop = x[:1, :, :n, :n]
+            if crop.shape[-2:] != (n, n):  # a small tile: the probe's input is made to size
+                crop = F.interpolate(x[:1].float(), size=(n, n), mode="nearest").to(x.dtype)
+            self._forward(crop)
+
+        self.watch.probe(run, side)
 
     def _forward(self, x: Tensor) -> Tensor:
         """The model on ``x``, fed channels-last (faster convolutions on CPU and GPU) while the model copes."""
