@@ -158,9 +158,11 @@ def read_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     kind = sniff(path)
+    if kind.startswith("a zip archive") or "pickle" in kind:
+        raise CorruptCheckpointError(f"'{path.name}' is not a .safetensors file: it is a torch checkpoint; rename it "
+                                     f"to end in .pth.")
     if kind and kind != "a .safetensors file":
-        raise CorruptCheckpointError(f"'{path.name}' is not a .safetensors file: it is {kind}"
-                                     + (" (rename it to .pth)" if "torch" in kind else "") + ".")
+        raise CorruptCheckpointError(f"'{path.name}' is not a .safetensors file: it is {kind}.")
     safetensors_header(path)
     try:
         return load_file(str(path), device="cpu")
@@ -321,17 +323,23 @@ def read_torch_pickle(path: Path) -> object:
     if names is not None:
         _refuse_unsafe(path, names, error)
     kind = sniff(path) if names is None else ""
-    if names is None:
-        reason = (f"it is {kind}" if kind and not is_zip and "pickle" not in kind
-                  else "it is not a PyTorch checkpoint, or it is truncated or damaged")
-    else:
+    if names is not None:
         reason = "its pickle is damaged"
+    elif kind.startswith("a zip archive") or "pickle" in kind:
+        reason, kind = "it is a damaged torch checkpoint (truncated, or parts of it are broken)", ""
+    elif kind == "a .safetensors file":
+        reason, kind = "it is a .safetensors file; rename it to end in .safetensors", ""
+    elif kind:
+        reason = f"it is {kind}, not a checkpoint"
+    else:
+        reason = "it is not a PyTorch checkpoint, or it is truncated or damaged"
     text = str(error)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
     detail = clean_message(text).removeprefix("Weights only load failed.").strip()
+    damaged = "damaged torch checkpoint" in reason  # torch's own words add nothing a user can act on then
     raise CorruptCheckpointError(
-        f"'{path.name}' cannot be read: {reason}" + (f" ({detail})." if detail and not kind else ".")
+        f"'{path.name}' cannot be read: {reason}" + (f" ({detail})." if detail and not kind and not damaged else ".")
     ) from None
 
 

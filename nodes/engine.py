@@ -82,6 +82,14 @@ class UpscaleOutOfMemoryError(FlexSRError, MemoryError):
     """The model ran out of memory even on the smallest tile."""
 
 
+class UpscaleSettingError(FlexSRError, ValueError):
+    """A setting of the upscale is out of range (the message names it and its range)."""
+
+
+#: The largest output scale asked for (the node's target_scale maximum).
+MAX_SCALE = 16.0
+
+
 @dataclass
 class Report:
     """What a run did, for logs and the upscale node's UI."""
@@ -656,6 +664,11 @@ def attach_mask(image: Tensor, mask: Optional[Tensor], invert: bool = True) -> T
     if not isinstance(mask, Tensor) or mask.dim() not in (2, 3):
         raise BadImageError(f"A MASK is [batch, height, width]; got {getattr(mask, 'shape', type(mask).__name__)}.")
     mask = mask[None] if mask.dim() == 2 else mask
+    if mask.numel() == 0:
+        raise BadImageError(f"The mask is empty ({'×'.join(map(str, mask.shape))}); give one of the image's size, or "
+                            f"none.")
+    if not mask.is_floating_point():
+        mask = mask.float()
     if not all_finite(mask):
         raise BadImageError("The mask contains NaN or infinite values.")
     b, h, w, c = image.shape
@@ -743,9 +756,10 @@ def upscale_image(
     image = check_image(image)
     image = attach_mask(image, mask, invert_mask)
     if alpha_mode not in ALPHA_MODES:
-        raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, not {alpha_mode!r}")
-    if target_scale < 0 or not math.isfinite(target_scale):
-        raise ValueError(f"target_scale must be 0 (the model's scale) or positive, not {target_scale}")
+        raise UpscaleSettingError(f"alpha_mode must be one of {', '.join(ALPHA_MODES)}, not {alpha_mode!r}.")
+    if not isinstance(target_scale, (int, float)) or not math.isfinite(target_scale) or not 0 <= target_scale <= MAX_SCALE:
+        raise UpscaleSettingError(f"target_scale must be 0 (the model's scale) or up to {MAX_SCALE:g}, not "
+                                  f"{target_scale!r}.")
     device = torch.device(device) if device is not None else host.torch_device()
     check_cancel = check_cancel or host.check_interrupted
     dtype = resolve_precision(precision, model, device)

@@ -89,7 +89,8 @@ def model_folders() -> list[Path]:
 
 
 #: The pack's own models, listed first in this order (the drawn-art upscalers before the small demo model).
-SHIPPED_FIRST = ("FlexSR_anime_x2.safetensors", "FlexSR_anime_x4.safetensors", "FlexSR_default_x2.safetensors")
+SHIPPED_FIRST = ("FlexSR_anime_x2.safetensors", "FlexSR_anime_x4.safetensors", "FlexSR_anime_real_x2.safetensors",
+                 "FlexSR_anime_real_x4.safetensors", "FlexSR_default_x2.safetensors")
 
 
 def model_names() -> list[str]:

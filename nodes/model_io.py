@@ -15,6 +15,7 @@ import torch
 from spandrel import ImageModelDescriptor
 
 from ..archs import FlexSRError, fusable_modules, fuse, interpolate_descriptors, load_model
+from ..archs.errors import DiskFullError, is_no_room
 from . import host
 from .engine import alignment, parameter_count
 
@@ -211,21 +212,30 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
          folder: Optional[Path] = None) -> Path:
     """Write ``model``'s weights to ``<upscale_models>/<name>.safetensors`` atomically; return the path.
 
-    The name is checked first and an existing file is refused unless ``overwrite``: on any error
-    nothing is written. The file holds the state dict (hyperparameters stay derivable from shapes)
-    and metadata naming the architecture, scale, channels and whether it was fused.
+    The name is checked first: a plain name, not one of the pack's shipped models (a file of that name would
+    hide the shipped one from every loader), and an existing file is refused unless ``overwrite``. On any error
+    nothing is written, and the message names the file, never a server path. The file holds the state dict
+    (hyperparameters stay derivable from shapes) and metadata naming the architecture, scale, channels and
+    whether it was fused.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as serialise
 
     filename = check_name(name)
-    folder = Path(folder) if folder is not None else host.model_folders()[0]
-    target = folder / filename
-    if target.is_dir() or (target.is_symlink() and not target.exists()):
+    if filename in host.SHIPPED_FIRST:
         raise ModelExistsError(
-            f"'{target}' is a {'directory' if target.is_dir() else 'broken link'}; choose another name."
-        )
+            f"'{Path(filename).stem}' is the name of a model that comes with FlexSR; a file of that name would hide "
+            f"it from every loader. Choose another name (e.g. '{Path(filename).stem}_mine').")
+    folder = Path(folder) if folder is not None else host.model_folders()[0]
+    where = folder.name or str(folder)
+    target = folder / filename
+    if folder.exists() and not folder.is_dir():
+        raise ModelSaveError(f"Cannot save '{filename}': the models folder '{where}' is a file, not a folder. "
+                             f"Nothing was written.")
+    if target.is_dir() or (target.is_symlink() and not target.exists()):
+        raise ModelExistsError(f"'{filename}' in '{where}' is a {'folder' if target.is_dir() else 'broken link'}; "
+                               f"choose another name.")
     if target.exists() and not overwrite:
-        raise ModelExistsError(f"'{target}' already exists; choose another name or turn on overwrite.")
+        raise ModelExistsError(f"'{filename}' already exists in '{where}'; choose another name or turn on overwrite.")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.model.state_dict().items()}
     fusable = fusable_modules(model)
     metadata = {
@@ -235,13 +245,16 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
         META_CHANNELS: f"{model.input_channels}->{model.output_channels}",
         META_FUSED: "1" if fusable and all(m.fused for m in fusable) else "0",
     }
+    data = serialise(tensors, metadata=metadata)  # bytes: writing them is plain file I/O, whose errors say what failed
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a model file is an ordinary file
         if overwrite:
             os.replace(tmp, target)
@@ -250,11 +263,17 @@ def save(model: ImageModelDescriptor, name: str, overwrite: bool = False,
     except FlexSRError:
         raise
     except OSError as e:
+        if is_no_room(e):
+            raise DiskFullError(f"No room to save '{filename}' in '{where}' ({e.strerror or e}); free some space. "
+                                f"Nothing was written.") from None
         if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
             raise InvalidNameError(f"The file system refuses the name '{filename}': {e.strerror}.") from None
-        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
-            raise ModelExistsError(f"Cannot write '{target}': {e.strerror}; choose another name.") from None
-        raise ModelSaveError(f"Could not save '{target}': {e.strerror or e}. Nothing was written.") from None
+        if e.errno == errno.EISDIR:
+            raise ModelExistsError(f"'{filename}' in '{where}' is a folder; choose another name.") from None
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):
+            raise ModelSaveError(f"Cannot save '{filename}': the models folder '{where}' is not a folder "
+                                 f"({e.strerror}). Nothing was written.") from None
+        raise ModelSaveError(f"Could not save '{filename}' in '{where}': {e.strerror or e}. Nothing was written.") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -292,8 +311,10 @@ def _publish_new(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)  # atomic, fails if target exists
     except FileExistsError:
-        raise ModelExistsError(f"'{target}' already exists; choose another name or turn on overwrite.") from None
+        raise ModelExistsError(f"'{target.name}' already exists in '{target.parent.name}'; choose another name or "
+                               f"turn on overwrite.") from None
     except OSError:  # no hard links on this file system
         if target.exists():
-            raise ModelExistsError(f"'{target}' already exists; choose another name or turn on overwrite.") from None
+            raise ModelExistsError(f"'{target.name}' already exists in '{target.parent.name}'; choose another name "
+                                   f"or turn on overwrite.") from None
         os.replace(tmp, target)

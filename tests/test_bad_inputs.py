@@ -269,7 +269,16 @@ BAD_MASKS = {
     "batch 3 for images 2": lambda: torch.rand(3, 8, 8),
     "NaN": lambda: torch.full((1, 8, 8), float("nan")),
     "Inf": lambda: torch.full((1, 8, 8), float("inf")),
+    "0x0": lambda: torch.zeros(1, 0, 0),
+    "empty batch": lambda: torch.zeros(0, 8, 8),
 }
+
+
+@pytest.mark.parametrize("scale", [1e9, -1.0, float("nan"), float("inf"), 16.5])
+def test_bad_target_scales_are_a_setting_error(pack, scale):  # noqa: F811
+    engine = pack.nodes.engine
+    with pytest.raises(engine.UpscaleSettingError, match="target_scale"):
+        engine.upscale_image(_tiny_pack_model(pack), torch.rand(1, 8, 8, 3), target_scale=scale, device="cpu")
 
 
 @pytest.mark.parametrize("case", list(BAD_MASKS))
@@ -312,21 +321,51 @@ def test_save_trailing_dot_and_directory_in_the_way(pack, models_dir):  # noqa: 
     assert io.check_name("CONSOLE") == "CONSOLE.safetensors"  # only the exact device names are reserved
     (models_dir / "taken.safetensors").mkdir()
     for overwrite in (False, True):
-        with pytest.raises(io.ModelExistsError, match="directory"):
+        with pytest.raises(io.ModelExistsError, match="is a folder") as e:
             io.save(_tiny_pack_model(pack), "taken", overwrite=overwrite)
+        assert str(models_dir) not in str(e.value)  # file names, never the server's paths
     assert sorted(p.name for p in models_dir.iterdir()) == ["taken.safetensors"]
 
 
-def test_save_reports_a_refusing_file_system_as_its_own_error(pack, models_dir, monkeypatch):  # noqa: F811
+def test_save_into_a_models_folder_that_is_a_file(pack, tmp_path):  # noqa: F811
     io = pack.nodes.model_io
+    blocker = tmp_path / "upscale_models"
+    blocker.write_text("not a folder")
+    with pytest.raises(io.ModelSaveError, match="is a file, not a folder") as e:
+        io.save(_tiny_pack_model(pack), "x", folder=blocker)
+    assert not isinstance(e.value, io.ModelExistsError) and str(tmp_path) not in str(e.value)
+    assert blocker.read_text() == "not a folder"
 
-    def refuse(*a, **k):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", refuse)
-    with pytest.raises(io.ModelSaveError, match="No space left"):
-        io.save(_tiny_pack_model(pack), "full")
+def test_save_never_takes_a_shipped_models_name(pack, models_dir):  # noqa: F811
+    io = pack.nodes.model_io
+    for name in ("FlexSR_anime_x2", "FlexSR_anime_real_x4.safetensors", "FlexSR_default_x2"):
+        with pytest.raises(io.ModelExistsError, match="comes with FlexSR"):
+            io.save(_tiny_pack_model(pack), name, overwrite=True)
     assert list(models_dir.iterdir()) == []
+
+
+def test_save_on_a_full_disk_is_a_disk_full_error_and_writes_nothing(tmp_path):
+    """A real full disk: the file-size limit (RLIMIT_FSIZE) makes the write fail with EFBIG in a child process."""
+    folder = tmp_path / "upscale_models"
+    folder.mkdir()
+    code = f"""
+import resource, sys, torch
+sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]
+from packutil import load_pack
+from spandrel.architectures.Compact import Compact
+pack = load_pack()
+model = pack.archs.load_model(Compact(num_feat=16, num_conv=4, upscale=2).state_dict())
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    pack.nodes.model_io.save(model, "too_big", folder=__import__("pathlib").Path({str(folder)!r}))
+except Exception as e:
+    print(type(e).__name__, "|", e)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.startswith("DiskFullError | No room to save 'too_big.safetensors'"), res.stdout + res.stderr
+    assert str(folder) not in res.stdout
+    assert list(folder.iterdir()) == []  # no partial file
 
 
 def test_save_removes_stale_temporaries_only(pack, models_dir):  # noqa: F811

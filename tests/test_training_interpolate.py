@@ -134,3 +134,27 @@ def test_the_library_checks_architecture_scale_and_channels_once_for_every_calle
     with pytest.raises(InterpolationError, match="a.safetensors upscales x2, b4.safetensors x4"):
         interpolate_files(pa, p4, 0.5, tmp_path / "c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_the_command_line_names_a_folder_out_and_a_full_disk(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pa = export_safetensors(_flexnet(0), tmp_path / "a.safetensors")
+    folder = tmp_path / "outdir.safetensors"
+    folder.mkdir()
+    assert main([str(pa), str(pa), "--alpha", "0.5", "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err
+    # a real full disk: the file-size limit makes the write fail (EFBIG) in a child process
+    root = Path(__file__).resolve().parents[1]
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            f"sys.path.insert(0, {str(root)!r}); from training.interpolate import main; "
+            f"sys.exit(main([{str(pa)!r}, {str(pa)!r}, '--alpha', '0.5', '--out', {str(tmp_path / 'c.safetensors')!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 1, res.stderr
+    assert "No room to write 'c.safetensors'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".c.safetensors.tmp-*"))

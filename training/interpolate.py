@@ -35,8 +35,12 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
                       overwrite: bool = False, command: str | None = None) -> Path:
     """Blend two model files (see the module doc) into ``out`` (.safetensors); returns its path."""
     path_a, path_b, out = Path(path_a), Path(path_b), Path(out)
+    if out.is_dir():
+        raise InterpolationError(f"--out {out}: is a folder; give the .safetensors file to write, e.g. {out / 'blend.safetensors'}")
     if out.suffix.lower() != ".safetensors":
         raise InterpolationError(f"the output must be a .safetensors file, got {out.name!r}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InterpolationError(f"--out {out}: {out.parent.name!r} is a file, not a folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if out.resolve() in (path_a.resolve(), path_b.resolve()):
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m training.interpolate " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         path = interpolate_files(args.a, args.b, args.alpha, args.out, args.overwrite, command)
+    except archs.errors.DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (InterpolationError, FileExistsError, archs.FlexSRError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
