@@ -66,7 +66,7 @@ def run_case(crafted, name: str, folder: Path, cap: int = 0, timeout: float = 0.
     ``cap`` bytes of RSS growth or ``timeout`` seconds (printing the result line first)."""
     import archs
 
-    build, expected = crafted.crafted_cases()[name]
+    build, expected = crafted.all_cases()[name]
     path = build(folder)
     size = path.stat().st_size
     exact = _reset_peak()
@@ -118,9 +118,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=HERE, help="checkout whose archs loads the files (default: this one)")
     ap.add_argument("--only", default="", help="run the cases whose name contains this text")
-    ap.add_argument("--kind", choices=("all", "structure", "damaged", "files"), default="all",
+    ap.add_argument("--kind", choices=("all", "structure", "damaged", "files", "bombs"), default="all",
                     help="structure: keys/shapes claiming a larger model; damaged: NaN/Inf/int/zero-size weights; "
-                    "files: not-a-checkpoint, truncated, pickles, header attacks")
+                    "files: not-a-checkpoint, truncated, pickles, header attacks; bombs: small files that unpickle, "
+                    "unpack or materialise into gigabytes")
     ap.add_argument("--isolate", action="store_true", help="one watched process per case")
     ap.add_argument("--cap-mb", type=float, default=4096, help="--isolate: end a case whose load grows RSS past this (MiB)")
     ap.add_argument("--timeout", type=float, default=30, help="--isolate: end a case whose load runs this many seconds")
@@ -136,8 +137,8 @@ def main() -> int:
 
     crafted = _setup(root)
     kinds = {"structure": crafted.structure_cases(), "damaged": crafted.damaged_weight_cases(),
-             "files": crafted.corrupt_file_cases()}
-    pool = crafted.crafted_cases() if args.kind == "all" else kinds[args.kind]
+             "files": crafted.corrupt_file_cases(), "bombs": crafted.bomb_cases()}
+    pool = crafted.all_cases() if args.kind == "all" else kinds[args.kind]
     names = [n for n in pool if args.only in n]
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -148,7 +149,7 @@ def main() -> int:
                 r = run_case(crafted, name, Path(d))
             rows.append(r)
             ok = "" if r["got"] == r["expected"] else "   <-- expected " + r["expected"]
-            print(f"{r['case']:42s} {r['size'] / 1024:8.1f} KiB  {r['got']:26s} {r['seconds'] * 1000:9.1f} ms "
+            print(f"{r['case'][:60]:60s} {r['size'] / 1024:8.1f} KiB  {r['got']:26s} {r['seconds'] * 1000:9.1f} ms "
                   f"{r['rss_growth'] / 2**20:8.1f} MiB{ok}", flush=True)
     from bench.common import machine_note
 

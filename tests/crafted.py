@@ -384,3 +384,8 @@ class RealAllocations:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+
+
+def all_cases() -> dict[str, tuple[Callable[[Path], Path], str]]:
+    """The crafted cases and the bombs: everything ``bench/bad_inputs_report.py`` reports."""
+    return {**crafted_cases(), **bomb_cases()}
