@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..archs.compile import CompiledModel, compile_pays, compiled
+from ..archs.compile import CompiledModel, compiled
 from ..archs.errors import BadImageError, FlexSRError, NonFiniteOutputError
-from . import host
+from . import choices, host
 from .blend import write_tile
 from .channels import ALPHA_MODES, plan_channels
 from .heap import kept_heap, run_on_heap
@@ -178,15 +178,6 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.model.parameters()) + list(model.model.buffers()))
 
 
-#: Families for which "auto" picks bf16 on a CPU with native bf16 (AVX512-BF16 / AMX): those measured
-#: faster than fp32 there in two runs, with >= 45 dB PSNR against fp32 on a real image (bench/bench_bf16.py
-#: --repeats 5, 64x64 Set14 crop, one thread, published configs, random weights): the DaViT transformer
-#: 1.46-1.60x (45.3 dB). Not FlexNet (default config 3.1-3.5x and MetaFlexNet 2.0-2.1x, but 43 dB; the
-#: shipped x2 model 0.97-0.99x), LMLT (0.96x with its current inference form), EIMN_L / EIMN_A
-#: (0.68-0.73x) or LAMNet (0.53-0.63x). Keyed on the architecture id: MetaFlexNet is "FlexNet", EIMN_A "EIMN".
-CPU_BF16_FAMILIES: frozenset[str] = frozenset({"TransformerSR"})
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16): torch's check, else /proc/cpuinfo."""
     try:
@@ -204,21 +195,22 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def resolve_precision(requested: str, model, device: torch.device) -> torch.dtype:
+def resolve_precision(requested: str, model, device: torch.device, image: Optional[Tensor] = None) -> torch.dtype:
     """The dtype to run in: ``requested`` when the model supports it, else the nearest it supports.
 
-    "auto": fp16 on CUDA when supported, else bf16 when supported there, else fp32; on a CPU, bf16 only
-    for the families in :data:`CPU_BF16_FAMILIES` and only where the CPU has native bf16, else fp32.
+    "auto": fp16 on CUDA when supported, else bf16 when supported there, else fp32; on a CPU with native bf16,
+    bf16 when this network measured faster in it on this machine with an output close to fp32's (measured once on
+    a crop of ``image``, then remembered: :mod:`.choices`), else fp32.
     """
     if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {requested!r}")
+        raise UpscaleSettingError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}.")
     half, bf16 = bool(model.supports_half), bool(model.supports_bfloat16)
     bf16_here = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if requested == "auto":
         if device.type == "cpu":
-            family = getattr(model.architecture, "id", "")
-            native = bf16 and family in CPU_BF16_FAMILIES and cpu_has_native_bf16()
-            return torch.bfloat16 if native else torch.float32
+            if image is None or not bf16:
+                return torch.float32
+            return torch.bfloat16 if choices.bf16_pays(model, image, cpu_has_native_bf16()) else torch.float32
         if device.type != "cuda":
             return torch.float32
         return torch.float16 if half else torch.bfloat16 if bf16 and bf16_here else torch.float32
@@ -232,13 +224,17 @@ def resolve_precision(requested: str, model, device: torch.device) -> torch.dtyp
     return DTYPES[requested]
 
 
-def resolve_compile(requested: str, model, device: torch.device) -> bool:
-    """Whether to run ``model`` compiled: "on" always, "off" never, "auto" only for the families measured
-    faster compiled on this kind of device (:data:`archs.compile.COMPILE_FAMILIES`)."""
+def resolve_compile(requested: str, model, device: torch.device, image: Optional[Tensor] = None,
+                    cache_dir=None) -> bool:
+    """Whether to run ``model`` compiled: "on" always, "off" never, "auto" on a CPU when this network measured
+    faster compiled on this machine (once, on a crop of ``image``, then remembered: :mod:`.choices`); "auto"
+    elsewhere: not yet measured, so not compiled."""
     if requested not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, not {requested!r}")
+        raise UpscaleSettingError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {requested!r}.")
     if requested == "auto":
-        return compile_pays(getattr(model.architecture, "id", ""), device)
+        if device.type != "cpu" or image is None:
+            return False
+        return choices.compile_pays(model, image, cache_dir)
     return requested == "on"
 
 
@@ -762,8 +758,9 @@ def upscale_image(
                                   f"{target_scale!r}.")
     device = torch.device(device) if device is not None else host.torch_device()
     check_cancel = check_cancel or host.check_interrupted
-    dtype = resolve_precision(precision, model, device)
-    compiled_model = compiled(model, cache_dir=compile_cache) if resolve_compile(compile, model, device) else None
+    dtype = resolve_precision(precision, model, device, image)
+    use_compile = resolve_compile(compile, model, device, image, compile_cache)
+    compiled_model = compiled(model, cache_dir=compile_cache) if use_compile else None
 
     b, h, w, c = image.shape
     scale = model.scale
@@ -872,7 +869,8 @@ def _one_pass(model, image: Tensor, device, dtype, tile_size, overlap, alpha_mod
     out = (torch.empty if whole else torch.zeros)(b, h * s, w * s, out_c, dtype=torch.float32)
     out_bchw = out.permute(0, 3, 1, 2)
     src_bchw = image.permute(0, 3, 1, 2)
-    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add, tracker.partial,
+    runner = TileRunner(model, device, dtype, layout, tile, batch, report, check_cancel, tracker.add,
+                        tracker.partial if tracker.callback is not None else None,
                         compiled_model)
     runner.dst_zeroed = not whole
     for job in jobs:

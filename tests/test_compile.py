@@ -1,4 +1,5 @@
-"""torch.compile as an option: off / auto / on, the allow-list, reuse across tiles and runs, eager fallback.
+"""torch.compile as an option: off / auto (measured on this machine) / on, reuse across tiles and runs, eager
+fallback.
 
 ``torch.compile`` is replaced by a stand-in that records what it was asked and runs the model eagerly
 (a real compile takes tens of seconds on a CPU); the last test compiles one tiny model of every family
@@ -83,30 +84,51 @@ def image(h=40, w=56, b=1):
 # Choosing
 
 
-def test_off_auto_on_follow_the_allow_list(pack, engine, monkeypatch):
+@pytest.fixture
+def decisions(pack, monkeypatch, tmp_path):
+    """A fresh decisions file (and memory) for "auto"; ``measured`` records what was measured."""
+    choices = pack.nodes.choices
+    monkeypatch.setattr(choices, "_memory", {})
+    monkeypatch.setenv("FLEXSR_COMPILE_CACHE", str(tmp_path / "cache" / "torch_compile"))
+    return choices
+
+
+def test_off_auto_on_and_auto_decides_by_a_measurement_it_remembers(pack, engine, decisions, monkeypatch):
     model, other = flexnet(pack), compact(pack)
     cpu = torch.device("cpu")
-    monkeypatch.setitem(pack.archs.compile.COMPILE_FAMILIES, "cpu", frozenset({"FlexNet"}))
-    assert engine.resolve_compile("auto", model, cpu) and not engine.resolve_compile("auto", other, cpu)
+    measured = []
+    speed = {"FlexNet": 1.4, "Compact": 0.98}
+
+    def fake_measure(m, x, cache_dir=None):
+        measured.append((m.architecture.id, tuple(x.shape)))
+        s = speed[m.architecture.id]
+        return {"pays": s >= decisions.COMPILE_MIN_SPEEDUP, "speedup": s}
+
+    monkeypatch.setattr(decisions, "measure_compile", fake_measure)
+    monkeypatch.setattr(decisions.compile_pays, "__defaults__", (None, None, fake_measure))
+    img = image()
+    assert engine.resolve_compile("auto", model, cpu, img) and not engine.resolve_compile("auto", other, cpu, img)
+    assert measured == [("FlexNet", (1, 3, 64, 64)), ("Compact", (1, 3, 64, 64))]  # on a crop of the image
+    assert engine.resolve_compile("auto", model, cpu, img) and len(measured) == 2  # remembered in memory ...
+    monkeypatch.setattr(decisions, "_memory", {})
+    assert engine.resolve_compile("auto", model, cpu, img) and len(measured) == 2  # ... and on disk
+    saved = decisions.decisions_file().read_text()
+    assert "compile | " in saved and "FlexNet" in saved and decisions.machine_key().split(" [")[0] in saved
     assert engine.resolve_compile("on", other, cpu) and not engine.resolve_compile("off", model, cpu)
-    monkeypatch.setitem(pack.archs.compile.COMPILE_FAMILIES, "cpu", frozenset())
-    assert not engine.resolve_compile("auto", model, cpu)
-    assert not engine.resolve_compile("auto", model, torch.device("meta"))  # a device never measured
+    assert not engine.resolve_compile("auto", model, torch.device("meta"), img)  # a device never measured
     with pytest.raises(ValueError, match="compile must be one of"):
         engine.resolve_compile("yes", model, cpu)
 
 
-def test_the_allow_list_names_only_known_families(pack):
-    known = {support.architecture.id for support in pack.archs.REGISTRY.architectures()}
-    for families in pack.archs.COMPILE_FAMILIES.values():
-        assert families <= known
-
-
-@pytest.mark.parametrize("mode, family_listed, compiles", [
+@pytest.mark.parametrize("mode, pays, compiles", [
     ("off", True, False), ("auto", True, True), ("auto", False, False), ("on", False, True),
 ])
-def test_upscale_compiles_only_when_asked_and_allowed(pack, engine, fake, monkeypatch, mode, family_listed, compiles):
-    monkeypatch.setitem(pack.archs.compile.COMPILE_FAMILIES, "cpu", frozenset({"FlexNet"} if family_listed else ()))
+def test_upscale_compiles_only_when_asked_and_measured_faster(pack, engine, fake, decisions, monkeypatch, mode, pays,
+                                                              compiles):
+    def fake_measure(m, x, cache_dir=None):
+        return {"pays": pays, "speedup": 1.5 if pays else 0.9}
+
+    monkeypatch.setattr(decisions.compile_pays, "__defaults__", (None, None, fake_measure))
     model = flexnet(pack)
     img = image()
     out, report = engine.upscale_image(model, img, device="cpu", compile=mode)
@@ -114,6 +136,12 @@ def test_upscale_compiles_only_when_asked_and_allowed(pack, engine, fake, monkey
     assert torch.allclose(out, plain, atol=1e-6)  # (not bit-equal: CPU kernels round by buffer alignment)
     assert bool(fake.compiles) == compiles and bool(fake.runs) == compiles
     assert ("compiled" in report.text()) == compiles
+
+
+def test_the_real_compile_measurement_times_both_and_reports_a_speedup(pack, decisions, fake):
+    """The measurement itself (with the stand-in compile): a speed-up figure and a decision."""
+    got = decisions.measure_compile(flexnet(pack), torch.rand(1, 3, 64, 64))
+    assert set(got) >= {"pays", "speedup", "compile_s"} and got["speedup"] > 0 and fake.runs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ def test_out_of_memory_halves_the_tile_and_resumes(pack, engine, tiles, monkeypa
     assert flaky.ok_shapes.count((80, 80)) == 1, "the finished corner tile is not run again"
     layout = tiles.Layout.for_model(engine.grid_unit(model), 16)
     restart = 1 + len(tiles.plan_tiles(1, 192, 192, 32, layout))
-    assert report.tiles == len(flaky.ok_shapes) < restart
+    tile_calls = [sh for sh in flaky.ok_shapes if sh not in ((16, 16), (32, 32))]  # less the progress probe's two
+    assert report.tiles == len(tile_calls) < restart
     assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:])) and seen[-1][0] == seen[-1][1]
     assert psnr(out, whole(engine, base, image)) >= 50
 

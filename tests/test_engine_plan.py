@@ -115,46 +115,43 @@ def test_a_costly_model_still_gets_tiles_of_efficient_size(pack, monkeypatch):
     assert wider.context == 48 and wider.tile >= 4 * 48 > ratio.tile, (wider.plan, ratio.plan)
 
 
-def test_auto_precision_on_cpu_picks_bf16_only_for_listed_families_with_native_bf16(pack, monkeypatch):
-    engine = pack.nodes.engine
+def test_auto_precision_on_cpu_measures_bf16_once_per_network_and_machine(pack, monkeypatch, tmp_path):
+    engine, choices = pack.nodes.engine, pack.nodes.choices
+    monkeypatch.setattr(choices, "_memory", {})
+    monkeypatch.setenv("FLEXSR_COMPILE_CACHE", str(tmp_path / "cache" / "torch_compile"))
     cpu = torch.device("cpu")
     flexnet = pack.archs.load_model(pack.archs.FlexNet(dim=8, num_blocks=(1,)).state_dict())
     compact, _ = counting_model(pack)
     compact.supports_bfloat16 = True
-    monkeypatch.setattr(engine, "CPU_BF16_FAMILIES", frozenset({"FlexNet"}))
+    measured = []
+    results = {"FlexNet": {"pays": True, "speedup": 1.6, "psnr_db": 50.0},
+               "Compact": {"pays": False, "speedup": 0.7, "psnr_db": 60.0}}
+
+    def fake(model, x):
+        measured.append(model.architecture.id)
+        return results[model.architecture.id]
+
+    monkeypatch.setattr(choices.bf16_pays, "__defaults__", (None, fake))
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.resolve_precision("auto", flexnet, cpu) == torch.bfloat16
-    assert engine.resolve_precision("auto", compact, cpu) == torch.float32
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine.resolve_precision("auto", flexnet, cpu) == torch.float32
-    assert engine.resolve_precision("fp32", flexnet, cpu) == torch.float32
+    img = torch.rand(1, 40, 30, 3)
+    assert engine.resolve_precision("auto", flexnet, cpu, img) == torch.bfloat16
+    assert engine.resolve_precision("auto", compact, cpu, img) == torch.float32
+    assert engine.resolve_precision("auto", flexnet, cpu, img) == torch.bfloat16 and measured == ["FlexNet", "Compact"]
+    assert engine.resolve_precision("fp32", flexnet, cpu, img) == torch.float32
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)  # no native bf16: fp32, nothing measured
+    other = pack.archs.load_model(pack.archs.FlexNet(dim=12, num_blocks=(1,)).state_dict())
+    assert engine.resolve_precision("auto", other, cpu, img) == torch.float32 and len(measured) == 2
 
 
-def test_auto_precision_on_cpu_follows_the_measured_family_list(pack, monkeypatch):
-    """Every FlexSR family runs "auto" in bf16 on a native-bf16 CPU exactly when CPU_BF16_FAMILIES lists it,
-    a listed family really runs in bf16 through the engine (close to its fp32 output), and the list names
-    only families that exist and support bf16 (a misspelt id would silently keep a family in fp32)."""
-    from crafted import tiny_models
-
-    engine = pack.nodes.engine
-    cpu = torch.device("cpu")
-    models = {name: pack.archs.load_model(m.state_dict()) for name, m in tiny_models().items()}
-    ids = {m.architecture.id for m in models.values()}
-    assert engine.CPU_BF16_FAMILIES <= ids, engine.CPU_BF16_FAMILIES - ids
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    image = torch.rand(1, 16, 16, 3)
-    for name, model in models.items():
-        listed = model.architecture.id in engine.CPU_BF16_FAMILIES
-        assert not listed or model.supports_bfloat16, name
-        want = torch.bfloat16 if listed else torch.float32
-        assert engine.resolve_precision("auto", model, cpu) == want, name
-        if listed:
-            out, report = engine.upscale_image(model, image, device="cpu")
-            ref, _ = engine.upscale_image(model, image, device="cpu", precision="fp32")
-            assert report.precision == "bf16", (name, report.precision)
-            assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.1, name
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert all(engine.resolve_precision("auto", m, cpu) == torch.float32 for m in models.values())
+def test_the_bf16_measurement_compares_speed_and_output(pack):
+    """The real measurement on a tiny network: both figures, and a decision that follows the thresholds."""
+    choices = pack.nodes.choices
+    model = pack.archs.load_model(pack.archs.FlexNet(dim=8, num_blocks=(1,)).state_dict())
+    x = choices.probe_input(torch.rand(1, 20, 100, 3), 3)
+    assert x.shape == (1, 3, 64, 64)
+    got = choices.measure_bf16(model, x)
+    assert got["speedup"] > 0 and 20 < got["psnr_db"] <= 99
+    assert got["pays"] == (got["speedup"] >= choices.BF16_MIN_SPEEDUP and got["psnr_db"] >= choices.BF16_MIN_PSNR)
 
 
 def test_native_bf16_detection_agrees_with_the_cpu_flags(pack):
