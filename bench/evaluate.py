@@ -30,9 +30,9 @@ and cropped to a multiple of every evaluated scale: ``art`` (all of them) and ``
 (the file name's prefix: clipart, painting, cartoon, wallpaper, lettering, manga; ``training.art.KINDS``).
 
 A second table per LR kind gives each row's difference to ``--reference`` (default EIMN_A) at the same scale.
-``--guard`` checks every ``--model`` row against the reference at its scale on clean ``matlab`` LR: no
-worse by more than ``--guard-tolerance`` (0.05 dB) on Set5, on Set14 and on each kind of art; the command
-exits 3 when one is.
+``--guard [NAME ...]`` checks every ``--model`` row (or those named by file stem) against the reference at its
+scale on clean ``matlab`` LR: no worse by more than ``--guard-tolerance`` (0.05 dB) on Set5, on Set14 and on
+each kind of art; the command exits 3 when one is.
 """
 
 from __future__ import annotations
@@ -272,11 +272,13 @@ def tables(rows: list[Row], groups: list[str], spec: str, reference: str) -> tup
     return main, diff
 
 
-def guard_report(rows: list[Row], groups: list[str], reference: str, tolerance: float) -> tuple[list[str], bool]:
-    """Every ``--model`` row against ``reference`` at its scale on clean LR, per group: (lines, all passed)."""
+def guard_report(rows: list[Row], groups: list[str], reference: str, tolerance: float,
+                 names: list[str] | None = None) -> tuple[list[str], bool]:
+    """Every ``--model`` row (or those whose file stem is in ``names``) against ``reference`` at its scale on
+    clean LR, per group: (lines, all passed)."""
     lines, ok = [], True
     for r in rows:
-        if r.kind != "model":
+        if r.kind != "model" or (names and (r.path is None or r.path.stem not in names)):
             continue
         ref = reference_row(rows, r.scale, reference)
         if ref is None:
@@ -345,8 +347,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="at most N art images, spread evenly over the sorted list (0 = all)")
     p.add_argument("--art-crop", type=int, default=0, metavar="PX", help="centre crop of each art image (0 = whole)")
     p.add_argument("--reference", default="EIMN_A", help="row the difference tables compare with (default: %(default)s)")
-    p.add_argument("--guard", action="store_true", help="check each --model row against --reference on clean LR "
-                   "(Set5, Set14, each art kind); exit 3 when one is worse by more than --guard-tolerance")
+    p.add_argument("--guard", nargs="*", default=None, metavar="NAME", help="check --model rows (all, or those "
+                   "whose file stem is named) against --reference on clean LR (Set5, Set14, each art kind); exit 3 "
+                   "when one is worse by more than --guard-tolerance")
     p.add_argument("--guard-tolerance", type=float, default=0.05, metavar="DB", help="(default: %(default)s dB)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="device the models run on (default: %(default)s), always fp32")
@@ -496,8 +499,8 @@ def report(args, result: dict) -> tuple[str, bool]:
             out += [f"difference to {args.reference} at the same scale (PSNR dB / SSIM), LR {spec}",
                     text_table(["scale", "model"] + groups, diff)]
     passed = True
-    if args.guard:
-        lines, passed = guard_report(rows, groups, args.reference, args.guard_tolerance)
+    if args.guard is not None:
+        lines, passed = guard_report(rows, groups, args.reference, args.guard_tolerance, args.guard)
         out += [""] + (lines or ["guard: no --model row to check"])
     notes = []
     for r in rows:

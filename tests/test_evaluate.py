@@ -195,6 +195,10 @@ def test_guard_passes_a_model_against_itself_and_fails_a_worse_one(tmp_path, cap
     assert evaluate.main([*base, "--model", str(ref), str(worse)]) == 3
     text = capsys.readouterr().out
     assert "guard x2 random_x2 vs ref_x2" in text and "-> FAIL" in text and "art:painting" in text
+    # a named guard checks only the models it names
+    assert evaluate.main([*base, "ref_x2", "--model", str(ref), str(worse)]) == 0
+    text = capsys.readouterr().out
+    assert "guard x2 ref_x2" in text and "guard x2 random_x2" not in text
 
 
 def test_tiled_engine_path_matches_the_whole_image_forward(tmp_path):
