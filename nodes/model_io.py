@@ -25,6 +25,8 @@ META_ARCH = "flexsr.architecture"
 META_SCALE = "flexsr.scale"
 META_FUSED = "flexsr.fused"
 META_CHANNELS = "flexsr.channels"
+#: What a model is for, in a sentence (the pack's shipped models carry it; the loader's panel shows it).
+META_USE = "flexsr_use"
 SAFETENSORS = ".safetensors"
 _NAME = re.compile(r"^[\w\-+()\[\],. ]+$")
 #: Names Windows reserves for devices, with any extension and in any case (a pack saved on Linux is
@@ -128,6 +130,9 @@ def describe_file(path: str | os.PathLike) -> str:
     except FlexSRError as e:
         _described[key] = (stamp, e)
         raise
+    use = read_metadata(path).get(META_USE, "").strip() if str(path).lower().endswith(SAFETENSORS) else ""
+    if use:  # what the file says it is for (the pack's own models: clean drawn art, or JPEG'd images)
+        text = f"for: {use}\n{text}"
     _described[key] = (stamp, text)
     return text
 

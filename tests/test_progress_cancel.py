@@ -224,6 +224,17 @@ def test_model_descriptions_are_cached_per_file_version(pack, tmp_path, monkeypa
     assert len(loads) == 3
 
 
+def test_a_models_stated_use_comes_first_in_its_description(pack, tmp_path):
+    from safetensors.torch import save_file
+
+    model_io = pack.nodes.model_io
+    sd = Compact(num_feat=4, num_conv=1, upscale=2).state_dict()
+    save_file(dict(sd), str(tmp_path / "m.safetensors"), metadata={model_io.META_USE: "JPEG'd drawn art"})
+    save_file(dict(sd), str(tmp_path / "plain.safetensors"))
+    assert model_io.describe_file(tmp_path / "m.safetensors").startswith("for: JPEG'd drawn art\narchitecture:")
+    assert model_io.describe_file(tmp_path / "plain.safetensors").startswith("architecture:")
+
+
 def test_descriptions_name_an_architecture_once(pack):
     describe = pack.nodes.model_io.describe
     shipped = pack.archs.load_model(pack.nodes.host.PACK_MODELS / "FlexSR_default_x2.safetensors")

@@ -32,7 +32,7 @@ from .models import export_safetensors, lineage  # noqa: E402
 
 
 def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
-                      overwrite: bool = False, command: str | None = None) -> Path:
+                      overwrite: bool = False, command: str | None = None, use: str | None = None) -> Path:
     """Blend two model files (see the module doc) into ``out`` (.safetensors); returns its path."""
     path_a, path_b, out = Path(path_a), Path(path_b), Path(out)
     if out.is_dir():
@@ -55,6 +55,8 @@ def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out:
         **lineage(path_a, "a"),
         "command": command or f"python -m training.interpolate {path_a} {path_b} --alpha {alpha:g} --out {out}",
     })
+    if use:
+        meta["flexsr_use"] = use  # what the model is for: the loader node's panel shows it first
     return export_safetensors(mixed.cpu().eval(), out, meta)
 
 
@@ -65,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, required=True, help="weight of B, 0..1")
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    ap.add_argument("--use", help="what the blend is for, in a sentence (stored in the file; the loader node shows it)")
     args = ap.parse_args(argv)
     command = "python -m training.interpolate " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        path = interpolate_files(args.a, args.b, args.alpha, args.out, args.overwrite, command)
+        path = interpolate_files(args.a, args.b, args.alpha, args.out, args.overwrite, command, args.use)
     except archs.errors.DiskFullError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
