@@ -1,5 +1,7 @@
-"""The shipped drawn-art upscalers (models/FlexSR_anime_x{2,4}.safetensors): they load through
-archs.load_model, record how they were made, and clearly beat bicubic on Set14 at their scale."""
+"""The shipped drawn-art upscalers (models/FlexSR_anime_[real_]x{2,4}.safetensors): they load through
+archs.load_model, record how they were made and what they are for, and clearly beat bicubic on Set14 at their
+scale. A shipped model is either the published EIMN_A weights themselves (a blend at alpha 0), a blend of them
+with a fine-tune of them, or such a fine-tune."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from training.imresize import imresize
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 SET14 = SHARED / "data" / "Set14"
-SHIPPED = {"FlexSR_anime_x2.safetensors": 2, "FlexSR_anime_x4.safetensors": 4}
+SHIPPED = {name: scale for name, scale in (("FlexSR_anime_x2.safetensors", 2), ("FlexSR_anime_x4.safetensors", 4),
+                                           ("FlexSR_anime_real_x2.safetensors", 2), ("FlexSR_anime_real_x4.safetensors", 4))
+           if (MODELS / name).is_file() or "real" not in name}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,8 +33,19 @@ def test_shipped_model_loads_and_records_its_making(name):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     base = f"EIMN_A_x{SHIPPED[name]}.pth"
+    assert meta.get("flexsr_use"), "a shipped model says what it is for (the loader's panel shows it)"
+    # a clean model points to the real-world one for JPEG'd images; a real-world one says it is for them
+    assert "JPEG" in meta["flexsr_use"] and ("real" in name) == ("use FlexSR_anime_real" not in meta["flexsr_use"])
     tuned = meta
-    if meta["command"].startswith("python -m training.interpolate"):
+    if meta.get("b") and meta["b"] == meta.get("a") and "alpha = 0" in meta["interpolation"]:
+        # the published weights themselves, under the pack's name (no fine-tune passed the guard)
+        published = SHARED / "weights" / base
+        assert meta["a"].startswith(f"{base} sha256=")
+        if published.is_file():
+            mine, theirs = archs.load_model(path).model.state_dict(), archs.load_model(published).model.state_dict()
+            assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        return
+    if meta["command"].startswith(("python -m training.interpolate", "python bench/interpolation_sweep.py")):
         # a blend of the published checkpoint (A) and a fine-tune of it (B): B's record is kept under b_ names
         assert meta["a"].startswith(f"{base} sha256=") and "alpha" in meta["interpolation"]
         published = SHARED / "weights" / base
