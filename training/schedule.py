@@ -25,8 +25,11 @@ class Schedule:
     UNTIMED_STEPS = 1
     #: Timed steps whose median is the estimate (refined with each one) before the moving average takes over.
     CALIBRATION_STEPS = 20
-    #: Timed steps needed before the clock may move the schedule at all.
+    #: Timed steps needed before the clock may move the schedule at all ...
     FIRST_ESTIMATE = 3
+    #: ... and how far over the budget's share they must be to act before CALIBRATION_STEPS: a machine that is
+    #: clearly too slow is caught at once, one that is about right is judged on more (first steps are slower).
+    EARLY_FACTOR = 2.0
     #: Weight of the newest step in the smoothed step time.
     SMOOTHING = 0.05
     #: The smoothed step time must exceed budget / steps by this factor before the clock counts, so
@@ -47,9 +50,10 @@ class Schedule:
         """Account for a step that took ``seconds`` (None: a start-up step, not counted).
 
         From the third timed step on, the median of the timed steps so far estimates a step's time; when it is
-        over the budget's share, the clock counts for every timed step (the earlier ones too, so the schedule
-        catches up at once, e.g. a 6-minute budget on a machine that needs 26 s a step acts from step 4, not 25).
-        After ``CALIBRATION_STEPS`` a moving average follows the machine's load.
+        more than twice the budget's share (or, from ``CALIBRATION_STEPS`` on, more than ``MARGIN`` times it),
+        the clock counts for every timed step (the earlier ones too, so the schedule catches up at once: a
+        6-minute budget on a machine that needs 26 s a step acts from step 4, not 25). After
+        ``CALIBRATION_STEPS`` a moving average follows the machine's load.
         """
         if self.budget <= 0 or seconds is None:
             return
@@ -58,7 +62,8 @@ class Schedule:
         if self.timed <= self.CALIBRATION_STEPS:
             self._samples.append(seconds)
             self.step_seconds = float(statistics.median(self._samples))
-            if self.timed >= self.FIRST_ESTIMATE and (self.step_seconds > self.MARGIN * allowed or self.extra > 0):
+            early = self.EARLY_FACTOR if self.timed < self.CALIBRATION_STEPS else self.MARGIN
+            if self.timed >= self.FIRST_ESTIMATE and (self.step_seconds > early * allowed or self.extra > 0):
                 # every timed step so far at the median's excess (never taking back what already counted)
                 self.extra = max(self.extra, self.timed * max(0.0, self.step_seconds - allowed) / self.budget)
             return
