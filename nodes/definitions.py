@@ -112,13 +112,14 @@ class UpscaleImage:
                 "ensemble": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Upscale the 8 flips and quarter turns of the image and average them (each turned back "
-                               "exactly): a little cleaner (bench/bench_ensemble.py measures it), 8× the time.",
+                               "exactly): a little cleaner, 8× the time.",
                 }),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def upscale(self, upscale_model, image, tile_size=0, overlap=32, precision="auto", target_scale=0.0,
-                alpha="model", mask=None, invert_mask=True, compile="off", ensemble=False):
+                alpha="model", mask=None, invert_mask=True, compile="off", ensemble=False, unique_id=None):
         bar = host.progress_bar(PROGRESS_STEPS)
 
         def progress(done: int, total: int) -> None:
@@ -132,6 +133,7 @@ class UpscaleImage:
         )
         bar.update_absolute(PROGRESS_STEPS, PROGRESS_STEPS)
         text = report.text() + "\n" + jpeg_note(image, upscale_model.scale, getattr(upscale_model, "flexsr_source", ""))
+        host.keep_report(unique_id, text)  # for a page that shows this result from the cache with nothing kept
         log.info("FlexSR: %s", text.replace("\n", "; "))
         return {"ui": {"flexsr_plan": [text]}, "result": (out,)}
 

@@ -283,6 +283,31 @@ def progress_bar(total: int):
 
 #: The route the web extension asks for a model's description: ``GET /flexsr/model_info?name=<model_name>``.
 MODEL_INFO_ROUTE = "/flexsr/model_info"
+REPORT_ROUTE = "/flexsr/last_report"
+#: The last report each node (by its id in the prompt) sent, for pages that hold none (a new tab or browser
+#: opening a workflow whose results come from ComfyUI's cache). Kept for the server's life, at most 256.
+LAST_REPORTS: dict[str, str] = {}
+
+
+def keep_report(node_id, text: str) -> None:
+    """Remember ``text`` as the last report of node ``node_id`` (ComfyUI's UNIQUE_ID; None: not kept)."""
+    if node_id is None:
+        return
+    LAST_REPORTS.pop(str(node_id), None)
+    LAST_REPORTS[str(node_id)] = text
+    while len(LAST_REPORTS) > 256:
+        LAST_REPORTS.pop(next(iter(LAST_REPORTS)))
+
+
+def last_report_reply(node_id: Optional[str]) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for ``GET /flexsr/last_report?node=<id>``: 200 ``{"node", "report"}``, 404 when
+    the server has none for that node, 400 without one."""
+    if not node_id:
+        return 400, {"error": "Give the node's id: /flexsr/last_report?node=<id>."}
+    text = LAST_REPORTS.get(str(node_id))
+    if text is None:
+        return 404, {"node": node_id, "error": "no report of that node since the server started"}
+    return 200, {"node": node_id, "report": text}
 
 
 def prompt_server():
@@ -309,7 +334,8 @@ def model_info_reply(name: Optional[str], describe_file: Callable[[Path], str]) 
 
 
 def register_routes(describe_file: Callable[[Path], str]) -> bool:
-    """Add ``GET /flexsr/model_info`` to ComfyUI's server (True when added; nothing outside ComfyUI).
+    """Add ``GET /flexsr/model_info`` and ``GET /flexsr/last_report`` to ComfyUI's server (True when added;
+    nothing outside ComfyUI).
 
     The description is computed in a worker thread (loading a checkpoint must not block the server).
     """
@@ -329,8 +355,13 @@ def register_routes(describe_file: Callable[[Path], str]) -> bool:
         status, body = await asyncio.get_running_loop().run_in_executor(None, model_info_reply, name, describe_file)
         return web.json_response(body, status=status)
 
+    async def last_report(request):
+        status, body = last_report_reply(request.rel_url.query.get("node"))
+        return web.json_response(body, status=status)
+
     try:
         routes.get(MODEL_INFO_ROUTE)(model_info)
+        routes.get(REPORT_ROUTE)(last_report)
     except Exception as e:  # a server without the usual route table: the panel then shows run results only
         log.warning("FlexSR: could not add %s: %s", MODEL_INFO_ROUTE, e)
         return False

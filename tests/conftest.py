@@ -1,7 +1,15 @@
-"""Shared pytest set-up: the pack root on sys.path, every RNG seeded before each test, paths to shared data."""
+"""Shared pytest set-up: the pack root on sys.path, every RNG seeded before each test, paths to shared data, and
+the ``slow`` marker.
+
+Tests marked ``@pytest.mark.slow`` (a real torch.compile of every family, whole training runs in subprocesses,
+headless Chromium, ...) run when ``FLEXSR_SLOW_TESTS=1`` or ``CI`` is set, as ``bash .ci/run`` does; a plain
+``python -m pytest tests -q`` skips them (they are listed as skipped), so the suite a contributor runs often
+stays short.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -56,3 +64,23 @@ def set5() -> Path:
     if not SET5.is_dir():
         pytest.skip(f"Set5 not found at {SET5}")
     return SET5
+
+
+SLOW_ENV = "FLEXSR_SLOW_TESTS"
+
+
+def slow_tests_wanted() -> bool:
+    return os.environ.get(SLOW_ENV, "") not in ("", "0") or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of a minute or more; runs with FLEXSR_SLOW_TESTS=1 or in CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    if slow_tests_wanted():
+        return
+    skip = pytest.mark.skip(reason=f"slow: set {SLOW_ENV}=1 to run it (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -293,6 +293,15 @@ def test_route_is_added_to_comfyuis_server(pack, tmp_path, monkeypatch):
         assert status == 200 and body["info"] == model_io.describe_file(tmp_path / "tiny.pth")
         request.rel_url.query = {"name": "nope.pth"}
         assert asyncio.run(handler(request))[0] == 404
+        # the last report of a node, for a page that has none kept (a new tab)
+        reports = routes[host.REPORT_ROUTE]
+        host.keep_report("12", "4 tiles × 64×64 px")
+        request.rel_url.query = {"node": "12"}
+        assert asyncio.run(reports(request)) == (200, {"node": "12", "report": "4 tiles × 64×64 px"})
+        request.rel_url.query = {"node": "13"}
+        assert asyncio.run(reports(request))[0] == 404
+        request.rel_url.query = {}
+        assert asyncio.run(reports(request))[0] == 400
     finally:
         host.forget_host()
 

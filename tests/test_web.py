@@ -42,7 +42,8 @@ class Api extends EventTarget {
   async fetchApi(route) {
     this.fetched.push(route);
     const url = new URL(route, "http://comfy.invalid");
-    const reply = window.REPLIES?.[url.pathname]?.[url.searchParams.get("name")] ?? [404, { error: "no route" }];
+    const key = url.searchParams.get("name") ?? url.searchParams.get("node");
+    const reply = window.REPLIES?.[url.pathname]?.[key] ?? [404, { error: "no route" }];
     await new Promise((r) => setTimeout(r, 5));
     return new Response(JSON.stringify(reply[1]), { status: reply[0], headers: { "Content-Type": "application/json" } });
   }
@@ -166,6 +167,19 @@ try {
   api.emit("execution_error", { node_id: String(saver.id), exception_type: "ModelExistsError",
     exception_message: "'/a/long/path/".repeat(12) + "x.safetensors' already exists; choose another name." });
   steps.saverWrapped = panel(saver);
+  // a save, then a failing save, then a reload: the reopened node shows the failure, not the old success
+  const saverProps = JSON.parse(JSON.stringify(saver.properties));
+  const reopenedSaver = new types.FlexSRSaveUpscaleModel();
+  reopenedSaver.configure({ properties: saverProps });
+  steps.reopenedAfterFailure = panel(reopenedSaver);
+  // a new tab opens the workflow and runs it; every result comes from the cache and this page kept nothing:
+  // the upscale node asks the server for its last report
+  const fresh = new types.FlexSRUpscaleImage();
+  fresh.id = 77;
+  api.emit("execution_cached", { nodes: ["77"], prompt_id: "q" });
+  await settle();
+  steps.freshTabCached = panel(fresh);
+  steps.freshTabKept = fresh.properties.flexsr_last_report ?? null;
   // a failure of a node that is not the pack's changes nothing of the pack's panels
   const foreign = new types.UpscaleModelLoader();
   foreign.onExecuted?.(MESSAGES.load);
@@ -207,8 +221,11 @@ def node_messages(pack, folder: Path) -> tuple[dict, dict]:
     load = defs.LoadUpscaleModel().load("tiny.pth")
     upscale = defs.UpscaleImage().upscale(load["result"][0], torch.rand(1, 64, 48, 3), tile_size=16, overlap=8)
     save = defs.SaveUpscaleModel().save(load["result"][0], "tiny_copy")
+    # the same node run in another tab: the server keeps its report by the node's id (ComfyUI's UNIQUE_ID)
+    defs.UpscaleImage().upscale(load["result"][0], torch.rand(1, 64, 48, 3), tile_size=16, overlap=8, unique_id="77")
     replies = {host.MODEL_INFO_ROUTE: {name: host.model_info_reply(name, model_io.describe_file)
-                                       for name in ("tiny.pth", "broken.pth")}}
+                                       for name in ("tiny.pth", "broken.pth")},
+               host.REPORT_ROUTE: {"77": host.last_report_reply("77")}}
     return {"load": load["ui"], "upscale": upscale["ui"], "save": save["ui"]}, replies
 
 
@@ -284,3 +301,10 @@ def test_panels_tell_the_truth(pack, chromium, tmp_path, monkeypatch):
     for key in ("loaderNew", "upscalerDone", "saverShort"):
         assert steps[key]["serialize"] is False and steps[key]["option"] is False
     assert steps["foreign"] == []
+    # the last outcome survives a reload, a failure included
+    reopened_fail = steps["reopenedAfterFailure"]
+    assert reopened_fail["state"] == "error" and reopened_fail["text"].startswith("failed: ModelExistsError")
+    # a new tab with nothing kept: the server's last report of the node comes back, and is kept
+    assert tuple(replies["/flexsr/last_report"]["77"])[0] == 200
+    assert steps["freshTabCached"]["text"] == replies["/flexsr/last_report"]["77"][1]["report"]
+    assert steps["freshTabKept"] == steps["freshTabCached"]["text"] and "tiles" in steps["freshTabKept"]

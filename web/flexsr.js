@@ -10,13 +10,19 @@
 //   is served from the cache.
 // - Every FlexSR panel says "running…" when its node starts executing, shows the error when the node
 //   fails and "cancelled" when the run is cancelled there; it is sized to its text (no blank rows after a
-//   shorter report).
+//   shorter report; a text that wraps onto more rows than estimated grows the panel once it is laid out).
+// - The last outcome, success or failure, is kept too: a reloaded workflow shows a failure that came after a
+//   success. A result served from the cache shows the last success (a failure is never cached); in a new tab
+//   or browser, where the node has no kept report, the pack's route GET /flexsr/last_report?node=<id> gives
+//   the server's last report of that node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 export const PANEL = "flexsr_panel";
 export const LAST_REPORT = "flexsr_last_report";
+export const LAST_OUTCOME = "flexsr_last_outcome";
 export const INFO_ROUTE = "/flexsr/model_info";
+export const REPORT_ROUTE = "/flexsr/last_report";
 export const LOADER = "FlexSRLoadUpscaleModel";
 const LINE_PX = 15;
 const CHAR_PX = 6.7; // 11px monospace
@@ -60,8 +66,22 @@ export function rowCount(text, width) {
 
 function panelHeight(widget) {
   const width = (widget?.flexsrNode?.size?.[0] ?? MIN_WIDTH) - 2 * margin(widget);
-  const rows = rowCount(widget?.flexsrElement?.textContent ?? "", width);
+  const rows = rowCount(widget?.flexsrElement?.textContent ?? "", width) + (widget?.flexsrExtraRows ?? 0);
   return Math.min(rows, MAX_LINES) * LINE_PX + PAD_PX + 2 * margin(widget);
+}
+
+/** Once laid out, a text that wraps onto more rows than estimated (other fonts, long words) grows its panel. */
+function fitLaidOut(node, widget) {
+  const element = widget.flexsrElement;
+  if (typeof requestAnimationFrame !== "function") return;
+  requestAnimationFrame(() => {
+    const hidden = element.scrollHeight - element.clientHeight;
+    if (!(hidden > 1) || !element.isConnected) return;
+    widget.flexsrExtraRows = (widget.flexsrExtraRows ?? 0) + Math.ceil(hidden / LINE_PX);
+    const wanted = node.computeSize ? node.computeSize() : node.size;
+    node.setSize?.([Math.max(node.size?.[0] ?? 0, wanted[0]), wanted[1]]);
+    node.setDirtyCanvas?.(true, true);
+  });
 }
 
 /** Shows ``text`` in a read-only panel on ``node`` (created on first use, never serialized); ``state``:
@@ -85,6 +105,7 @@ export function showText(node, text, state = "ok") {
     widget.flexsrNode = node;
   }
   const element = widget.flexsrElement;
+  widget.flexsrExtraRows = 0;
   element.textContent = text;
   element.title = text;
   element.dataset.state = state;
@@ -95,6 +116,7 @@ export function showText(node, text, state = "ok") {
   const wanted = node.computeSize ? node.computeSize() : node.size;
   node.setSize?.([Math.max(width, wanted[0]), wanted[1]]);
   node.setDirtyCanvas?.(true, true);
+  fitLaidOut(node, widget);
   return widget;
 }
 
@@ -103,11 +125,15 @@ export function panelText(node) {
   return node.widgets?.find((w) => w.name === PANEL)?.flexsrElement?.textContent ?? null;
 }
 
-/** Keeps a run's report with the node (saved in the workflow as a node property). */
-export function remember(node, text) {
+/** Keeps a run's outcome with the node (saved in the workflow as node properties): a report is the last
+ * success (what a cached result shows) and the last outcome; a failure is the last outcome only. */
+export function remember(node, text, state = "ok") {
   node.properties = node.properties ?? {};
-  if (node.properties[LAST_REPORT] === text) return;
-  node.properties[LAST_REPORT] = text;
+  const outcome = { text, state };
+  const before = JSON.stringify([node.properties[LAST_REPORT], node.properties[LAST_OUTCOME]]);
+  if (state === "ok") node.properties[LAST_REPORT] = text;
+  node.properties[LAST_OUTCOME] = outcome;
+  if (JSON.stringify([node.properties[LAST_REPORT], node.properties[LAST_OUTCOME]]) === before) return;
   // ComfyUI saves the open workflow (for reloads) when its change tracker sees a difference
   app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
 }
@@ -117,11 +143,36 @@ function remembered(node) {
   return typeof text === "string" && text ? text : null;
 }
 
-/** Shows the last stored report, if any. */
+/** Shows the last stored report (the last success), if any. */
 export function showRemembered(node) {
   const text = remembered(node);
   if (text) showText(node, text);
   return text;
+}
+
+/** Shows the last outcome, success or failure (a reopened workflow), else the last success. */
+export function showLastOutcome(node) {
+  const outcome = node.properties?.[LAST_OUTCOME];
+  if (outcome && typeof outcome.text === "string" && outcome.text) {
+    showText(node, outcome.text, outcome.state === "error" ? "error" : "ok");
+    return outcome.text;
+  }
+  return showRemembered(node);
+}
+
+/** A new tab or browser holds no kept report: the server's last report of this node, if it has one. */
+export async function fetchLastReport(node) {
+  try {
+    const response = await api.fetchApi(`${REPORT_ROUTE}?node=${encodeURIComponent(String(node.id))}`);
+    if (!response.ok) return null;
+    const body = await response.json();
+    if (typeof body.report !== "string" || !body.report) return null;
+    remember(node, body.report);
+    showText(node, body.report);
+    return body.report;
+  } catch (e) {
+    return null;
+  }
 }
 
 function modelName(node) {
@@ -199,21 +250,28 @@ export function onExecutionInterrupted(detail) {
   settleBusy();
 }
 
-/** A node failed: its panel shows why (ComfyUI's error type and message). */
+/** A node failed: its panel shows why (ComfyUI's error type and message), and the failure is kept. */
 export function onExecutionError(detail) {
   const node = nodeById(detail?.node_id);
   if (!isFlexSR(node)) return;
   const type = String(detail.exception_type ?? "Error").split(".").pop();
-  showText(node, `failed: ${type}\n${String(detail.exception_message ?? "").trim()}`, "error");
+  const text = `failed: ${type}\n${String(detail.exception_message ?? "").trim()}`;
+  showText(node, text, "error");
+  if (!isLoader(node)) remember(node, text, "error");
 }
 
-/** Results served from ComfyUI's cache send no UI message: show what is known instead. */
+/** Results served from ComfyUI's cache send no UI message: show what is known instead (asking the server
+ * when this page has nothing kept, as in a new tab). */
 export function onExecutionCached(detail) {
   for (const id of detail?.nodes ?? []) {
     const node = nodeById(id);
     if (!isFlexSR(node)) continue;
     if (isLoader(node)) refreshModelInfo(node);
-    else showRemembered(node);
+    else {
+      const text = showRemembered(node);
+      if (text) remember(node, text); // a cached result is a success: it is the last outcome now
+      else fetchLastReport(node);
+    }
   }
 }
 
@@ -265,7 +323,7 @@ app.registerExtension({
     proto.onConfigure = function () {
       const result = onConfigure?.apply(this, arguments);
       if (isLoader) refreshModelInfo(this); // a loaded workflow: its own model_name
-      else showRemembered(this);
+      else showLastOutcome(this);
       return result;
     };
   },
