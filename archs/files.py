@@ -46,7 +46,7 @@ PICKLE_PER_STORAGE = 4 << 10
 OPS_BASE = 20_000
 OPS_PER_STORAGE = 400
 #: Opcode budget of a legacy (pre-zip) pickle, whose storage count is known only after reading it.
-LEGACY_OPS = 200_000
+LEGACY_OPS = 100_000
 
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -7,7 +7,7 @@ import logging
 from . import host, model_io
 from .channels import ALPHA_MODES
 from .quality import jpeg_note
-from .engine import COMPILE_MODES, CPU_WORKSET, PRECISIONS, upscale_image
+from .engine import COMPILE_MODES, CPU_WORKSET, PRECISIONS, check_image, upscale_image
 
 log = logging.getLogger("flexsr")
 
@@ -132,7 +132,8 @@ class UpscaleImage:
             compile=compile, compile_cache=host.compile_cache_dir() if compile != "off" else None, ensemble=ensemble,
         )
         bar.update_absolute(PROGRESS_STEPS, PROGRESS_STEPS)
-        text = report.text() + "\n" + jpeg_note(image, upscale_model.scale, getattr(upscale_model, "flexsr_source", ""))
+        note = jpeg_note(check_image(image), upscale_model.scale, getattr(upscale_model, "flexsr_source", ""))
+        text = report.text() + "\n" + note
         host.keep_report(unique_id, text)  # for a page that shows this result from the cache with nothing kept
         log.info("FlexSR: %s", text.replace("\n", "; "))
         return {"ui": {"flexsr_plan": [text]}, "result": (out,)}

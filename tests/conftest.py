@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# torch.compile's cache and the measured "auto" decisions (decisions.json beside it) of a test session go to a
+# folder of its own, never to the user's ~/.cache
+os.environ.setdefault("FLEXSR_COMPILE_CACHE", os.path.join(tempfile.mkdtemp(prefix="flexsr-tests-"), "torch_compile"))
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights"

@@ -307,6 +307,7 @@ REAL_COMPILE_FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(REAL_COMPILE_FAMILIES))
 def test_a_real_compile_of_every_family_matches_eager(pack, family, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))

@@ -335,7 +335,7 @@ def test_auto_tile_follows_the_memory_budget(pack, engine, tiles):
     model = compact(pack, 2)
     layout = tiles.Layout.for_model(8, 32)
     bpp = engine.estimate_bytes_per_pixel(model, torch.float32)
-    assert engine.auto_tile(1e12, bpp, layout, 300, 200, 1) == 300  # fits: one tile
+    assert engine.auto_tile(1e12, bpp, layout, 300, 200, 1) == 304  # fits: one tile covering 300 on the 8 px grid
     small = engine.auto_tile(bpp * 200**2, bpp, layout, 1000, 1000, 1)
     assert small % 8 == 0 and (small + 64) ** 2 <= 200**2 and small >= layout.min_tile()
     assert engine.auto_batch(bpp * 4 * 96**2, bpp, layout, 32, 1000, 1000) == 4

@@ -45,6 +45,7 @@ def train_steps(out: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_by_folder_alone_reproduces_the_uninterrupted_weights(tmp_path):
     base = [*TINY, "--steps", "10", "--save-every", "4", "--val-every", "5"]
     ref = tmp_path / "ref"
@@ -72,6 +73,7 @@ def test_ctrl_c_saves_and_resume_by_folder_alone_reproduces_the_uninterrupted_we
     assert train_steps(out) == list(range(1, 11))  # each step recorded once
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     first = script([*TINY, "--steps", "200", "--save-every", "1", "--out", str(out)], {"FLEXSR_DEBUG_STEP_SLEEP": "0.2"})
@@ -118,6 +120,7 @@ def test_resume_with_other_settings_is_one_line_and_exit_2(tmp_path, capsys):
     assert args.threads == 2 and args.log_every == 7 and args.arch == "Compact" and args.steps == 2
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_a_one_line_error_and_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     first = script([*TINY, "--steps", "50", "--save-every", "1", "--out", str(out)], {"FLEXSR_DEBUG_STEP_SLEEP": "0.2"})

@@ -198,6 +198,7 @@ def _curve(out: Path) -> list[tuple]:
     return [(r["kind"], r["step"], r.get("loss"), r.get("psnr")) for r in read_jsonl(out / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve(tmp_path):
     arch = main_arch()
     base = ["--arch", arch, "--arch-args", json.dumps(TINY[arch]), *TINY_RUN, "--steps", "8", "--save-every", "2",
@@ -228,6 +229,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_loss_curve(tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_shard_the_data_and_only_rank0_writes(tmp_path):
     # A pretrained x2 model re-scaled to x4 with a frozen body and a patch GAN: every moving part under DDP.
     x2 = run_inline(tiny_args("Compact", tmp_path / "x2"))["model"]

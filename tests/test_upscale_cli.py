@@ -39,6 +39,7 @@ def images(folder: Path) -> dict[str, np.ndarray]:
     return made
 
 
+@pytest.mark.slow
 def test_cli_upscales_files_folders_and_globs_keeping_alpha_and_grey(tmp_path):
     src = tmp_path / "in"
     made = images(src)
@@ -83,6 +84,7 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert res.returncode == 2 and "argument --out" in res.stderr
 
 
+@pytest.mark.slow
 def test_cli_and_library_work_from_a_folder_with_any_name(tmp_path):
     """A clone named like a ComfyUI pack (a hyphen: not an importable module name) still runs."""
     pack = tmp_path / "ComfyUI-FlexSR"
