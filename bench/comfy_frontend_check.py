@@ -16,10 +16,18 @@ What it does, on 127.0.0.1 only:
    results now come from ComfyUI's cache), checks the panels once more. Screenshots of each step.
 3. Runs ``fuse_and_save_model`` once more: the save fails ("already exists") and the Save node's panel
    must show that failure, not the earlier success.
-4. Runs ``upscale_image`` at ``target_scale`` 4 (two model passes, many seconds on a CPU), records the
+   After a page reload the Save node's panel must still show that failure (the last outcome is kept,
+   failure included). Saving under a shipped model's name (``FlexSR_anime_x2``) must fail with a message
+   that says the name belongs to the pack's own model.
+4. A fresh browser context (a new tab in another browser profile: nothing kept in the page) opens
+   ``upscale_image`` and runs it; every node comes from ComfyUI's cache, and the Upscale node's panel must
+   still show its report (asked from the server's ``/flexsr/last_report``).
+5. A one-tile run (``upscale_image`` on a new seed of its input, automatic tiles): the progress fractions
+   the node sends must rise and reach at least 90% before the node ends.
+6. Runs ``upscale_image`` at ``target_scale`` 4 (two model passes, many seconds on a CPU), records the
    node's progress messages (largest gap between two), then presses Cancel and measures how long the
    run takes to stop.
-5. Opens the template browser on the pack's templates and checks that each thumbnail loads.
+7. Opens the template browser on the pack's templates and checks that each thumbnail loads.
 Screenshots and a JSON summary go to ``--out`` (default ``./frontend_check``).
 """
 
@@ -237,6 +245,62 @@ def run(args) -> int:
                 check(save_panel.get("state") == "error" and "already exists" in save_panel.get("text", ""),
                       f"the Save node's panel shows the failure ({save_panel.get('text', '')[:60]!r})")
                 s.shot("save_failed")
+                s.reload()
+                reloaded = s.panels().get("FlexSRSaveUpscaleModel", {})
+                check(reloaded.get("state") == "error" and "already exists" in reloaded.get("text", ""),
+                      f"after a reload the Save node's panel still shows the failure ({reloaded.get('text', '')[:60]!r})")
+                s.shot("save_failed_reloaded")
+
+                # saving under a shipped model's name is refused: it would hide that model from every loader
+                s.load_template("fuse_and_save_model")
+                page.evaluate("""() => {
+                    const node = window.app.graph._nodes.find((n) => n.type === "FlexSRSaveUpscaleModel");
+                    node.widgets.find((w) => w.name === "filename").value = "FlexSR_anime_x2";
+                }""")
+                events = s.queue()
+                errors = [e["detail"] for e in events if e["type"] == "execution_error"]
+                page.keyboard.press("Escape")
+                page.wait_for_timeout(500)
+                shadow = s.panels().get("FlexSRSaveUpscaleModel", {})
+                check(bool(errors) and "comes with FlexSR" in errors[0].get("exception_message", "")
+                      and shadow.get("state") == "error",
+                      f"saving as FlexSR_anime_x2 is refused ({(errors[0].get('exception_message', '') if errors else '')[:70]!r})")
+                check.facts["save_shadowing"] = errors[0].get("exception_message", "") if errors else None
+                s.shot("save_shadowing")
+
+                # a fresh tab in another browser profile: the cached run's panel comes from the server
+                s.load_template("upscale_image")
+                s.queue()  # make sure the server holds this graph's outputs and report
+                context = browser.new_context(viewport={"width": 1600, "height": 900})
+                fresh = Session(context.new_page(), base, out)
+                fresh.pack_key = s.pack_key
+                fresh.open()
+                fresh.load_template("upscale_image")
+                events = fresh.queue()
+                fresh.page.wait_for_timeout(1500)  # the panel asks the server for the report
+                cached = [str(i) for e in events if e["type"] == "execution_cached" for i in e["detail"]["nodes"]]
+                report = fresh.panels().get("FlexSRUpscaleImage", {})
+                check(outcome(events) == "execution_success" and len(cached) >= 2 and report.get("state") != "busy"
+                      and len(report.get("text", "")) > 20,
+                      f"a fresh tab's cached run shows the upscale report ({report.get('text', '')[:60]!r}, cached {cached})")
+                fresh.shot("fresh_tab_cached")
+                context.close()
+
+                # a one-tile run: the progress fractions rise to ~100%
+                s.load_template("upscale_image")
+                page.evaluate("""() => {
+                    const node = window.app.graph._nodes.find((n) => n.type === "FlexSRUpscaleImage");
+                    const w = node.widgets.find((w) => w.name === "overlap");
+                    w.value = w.value + 8;  // a changed input: the node runs again
+                }""")
+                events = s.queue()
+                upscaler_id = page.evaluate("() => String(window.app.graph._nodes.find((n) => n.type === 'FlexSRUpscaleImage').id)")
+                fractions = [e["detail"]["value"] / max(1, e["detail"]["max"]) for e in events
+                             if e["type"] == "progress" and str(e["detail"].get("node")) == upscaler_id]
+                check.facts["one_tile_progress"] = [round(f, 3) for f in fractions]
+                check(outcome(events) == "execution_success" and len(fractions) >= 2
+                      and all(b >= a for a, b in zip(fractions, fractions[1:])) and max(fractions or [0]) >= 0.9,
+                      f"one-tile run: {len(fractions)} progress messages, rising, last {fractions[-1] if fractions else None}")
 
                 # progress cadence and cancel latency on a long run
                 s.load_template("upscale_image")
