@@ -22,7 +22,7 @@ What it does, on 127.0.0.1 only:
 4. A fresh browser context (a new tab in another browser profile: nothing kept in the page) opens
    ``upscale_image`` and runs it; every node comes from ComfyUI's cache, and the Upscale node's panel must
    still show its report (asked from the server's ``/flexsr/last_report``).
-5. A one-tile run (``upscale_image`` on a new seed of its input, automatic tiles): the progress fractions
+5. A one-tile run (``upscale_image`` with its ``overlap`` changed, so the node runs again; automatic tiles): the progress fractions
    the node sends must rise and reach at least 90% before the node ends.
 6. Runs ``upscale_image`` at ``target_scale`` 4 (two model passes, many seconds on a CPU), records the
    node's progress messages (largest gap between two), then presses Cancel and measures how long the
