@@ -53,6 +53,8 @@ def comfyui_server(comfy: Path, python: str, port: int, log_path: Path, threads:
     """``main.py --cpu`` on 127.0.0.1:``port`` with ``threads`` torch threads, its output in ``log_path``;
     ``folders`` maps ComfyUI's ``input``/``output``/``temp`` to folders of the caller's."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if os.sep in python:  # a path relative to the caller's folder (ComfyUI runs in its own): made absolute, not resolved
+        python = os.path.abspath(python)  # (resolving a venv's python link would leave the venv)
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch"]
     for kind, folder in (folders or {}).items():
         cmd += [f"--{kind}-directory", str(folder)]

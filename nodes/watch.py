@@ -11,6 +11,17 @@ most of their work in fused functional code (EIMN fires 20 of its 384 modules' h
 counts the fires of two tiny calls before the first real one and fits ``fires = a + b * pixels``; every real
 call then records its own count per input shape. Both are kept on the model, so later runs start right.
 
+Between two fires the model can sit in one long module for seconds (EIMN at 768² on a CPU: up to 2 s), and a
+hook cannot split it. While a call runs, a ticker thread therefore reports every ``report_every`` seconds an
+estimate that moves inside the current step: ``(fires + 1 - exp(-t / per_fire)) / expected``, where ``t`` is
+the time since the last fire and ``per_fire`` the call's expected length over its fires (the length this input
+shape took before, else the pace of the fires so far, else the probe's time per pixel); a step that outlasts
+``per_fire`` keeps creeping on, ever slower (``1 - e⁻¹ · per_fire / t``). The estimate never reaches the next
+fire's mark, so the bar only moves forward and never claims work that is not done. The ticker
+runs in the caller's context (ComfyUI finds the running node from it); an exception its report raises
+(ComfyUI's check for Cancel runs inside every progress report, and clears the flag) is raised again in the
+model's thread at the next hook, so a cancel is never lost.
+
 Plain torch: the engine passes its own ``check_cancel`` and progress callbacks; nothing here knows
 ComfyUI.
 """
@@ -18,7 +29,10 @@ ComfyUI.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import math
+import threading
 import time
 from typing import Callable, Hashable, Iterator, Optional
 
@@ -35,6 +49,8 @@ MAX_FRACTION = 0.98
 #: Where a model keeps what the watch learned of it (an attribute of the nn.Module, not in its state dict).
 LEARNED_ATTR = "_flexsr_hook_fires"
 FIT_KEY = ("fit",)
+#: seconds per input pixel of the probe's larger call (a first guess of a call's length)
+PACE_KEY = ("seconds per pixel",)
 
 
 class ModuleWatch:
@@ -58,9 +74,19 @@ class ModuleWatch:
         self.expected = self.modules
         self.active = False
         self.reports = 0
+        self.ticks = 0
         self._handles: list = []
         self._last_report = 0.0
         self._last_check = 0.0
+        self._start = 0.0
+        self._last_fire = 0.0
+        self._pixels = 0
+        self._key: Hashable = None
+        self._shown = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self._raised: Optional[BaseException] = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["ModuleWatch"]:
@@ -90,11 +116,13 @@ class ModuleWatch:
         try:
             for s in (side, 2 * side):
                 self.fires, self.active = 0, True
+                started = time.perf_counter()
                 try:
                     run(s)
                 finally:
                     self.active = False
                 counts.append((s * s, self.fires))
+                self.learned[PACE_KEY] = (time.perf_counter() - started) / (s * s)
         finally:
             self.on_fraction, self.check_cancel = saved
         (p1, f1), (p2, f2) = counts
@@ -118,27 +146,99 @@ class ModuleWatch:
         """One model call on an input described by ``key`` (e.g. its shape)."""
         self.fires = 0
         self.expected = self.expected_fires(key)
-        self._last_report = self._last_check = self.clock()
+        self._key = key
+        self._pixels = key[0] * key[2] * key[3] if isinstance(key, tuple) and len(key) == 4 else 0
+        self._start = self._last_fire = self._last_report = self._last_check = self.clock()
+        self._shown = 0.0
+        self._raised = None
         self.active = True
+        self._start_ticker()
         try:
             yield
         finally:
+            self._stop_ticker()
             self.active = False
         if self.fires:
             self.learned[key] = self.last_count = self.fires
+        self.learned[("seconds", key)] = self.clock() - self._start
+        self._raise_forwarded()
 
     def _hook(self, _module, _inputs, _output) -> None:
         if not self.active:
             return
-        self.fires += 1
-        now = self.clock()
-        if self.check_cancel is not None and now - self._last_check >= self.check_every:
-            self._last_check = now
-            self.check_cancel()
-        if self.on_fraction is not None and now - self._last_report >= self.report_every:
-            self._last_report = now
-            self.reports += 1
-            self.on_fraction(min(MAX_FRACTION, self.fires / max(self.expected, 1)))
+        self._raise_forwarded()
+        with self._lock:
+            self.fires += 1
+            now = self._last_fire = self.clock()
+            if self.check_cancel is not None and now - self._last_check >= self.check_every:
+                self._last_check = now
+                self.check_cancel()
+            if self.on_fraction is not None and now - self._last_report >= self.report_every:
+                self._report(now, self.fires / max(self.expected, 1))
+
+    def _report(self, now: float, fraction: float) -> None:
+        """Report ``fraction`` (never less than what was shown); the caller holds the lock."""
+        self._last_report = now
+        self._shown = max(self._shown, min(MAX_FRACTION, fraction))
+        self.reports += 1
+        self.on_fraction(self._shown)
+
+    # -- the ticker: progress inside long modules -------------------------------------------------
+
+    def estimate(self, now: float) -> float:
+        """The fraction of the running call done by ``now``, moving inside the current step (see the module's
+        notes); never the next fire's mark."""
+        expected = max(self.expected, 1) if self._handles else 1  # no hooks (a compiled model): one long step
+        seconds = self.learned.get(("seconds", self._key))
+        if isinstance(seconds, float) and seconds > 0:
+            per_fire = seconds / expected
+        elif self.fires:
+            per_fire = (self._last_fire - self._start) / self.fires
+        elif isinstance(self.learned.get(PACE_KEY), float) and self._pixels:
+            per_fire = self.learned[PACE_KEY] * self._pixels / expected
+        else:
+            per_fire = 1.0
+        per_fire = max(per_fire, self.report_every)  # fast fires so far say little of a long one to come
+        waited = now - self._last_fire
+        if waited <= per_fire:
+            inside = 1.0 - math.exp(-waited / per_fire)
+        else:  # longer than expected: keep moving, ever slower (continuous at per_fire)
+            inside = 1.0 - math.exp(-1.0) * per_fire / waited
+        inside = min(inside, 0.99)
+        fires = self.fires if self._handles else 0
+        return (fires + inside) / expected if fires < expected else fires / expected
+
+    def _start_ticker(self) -> None:
+        if self.on_fraction is None or self.report_every <= 0 or self.clock is not time.monotonic:
+            return
+        self._stop.clear()
+        context = contextvars.copy_context()  # ComfyUI finds the running node and prompt in it
+        self._ticker = threading.Thread(target=context.run, args=(self._tick,), name="flexsr-progress", daemon=True)
+        self._ticker.start()
+
+    def _stop_ticker(self) -> None:
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.report_every / 2):
+            with self._lock:
+                now = self.clock()
+                if self._stop.is_set() or now - self._last_report < self.report_every:
+                    continue
+                try:
+                    self.ticks += 1
+                    self._report(now, self.estimate(now))
+                except BaseException as e:  # ComfyUI's cancel check in its progress hook: raise it in the model's thread
+                    self._raised = e
+                    return
+
+    def _raise_forwarded(self) -> None:
+        if self._raised is not None:
+            e, self._raised = self._raised, None
+            raise e
 
     def _remove(self) -> None:
         for handle in self._handles:

@@ -3,7 +3,10 @@ model-info route and error names (what the front end shows)."""
 
 from __future__ import annotations
 
+import contextvars
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -120,6 +123,90 @@ def test_reports_and_checks_follow_the_clock(pack):
     # last tick (no second check); a report at 1.0 s and 2.0 s
     assert checks == [0.25 * i for i in range(1, 11)]
     assert len(fractions) == 2 and fractions == sorted(fractions)
+
+
+class Slow(torch.nn.Module):
+    """A module that sits in one native call for ``seconds`` (as one large convolution does)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def slow_model(seconds=0.6, fast=4):
+    return torch.nn.Sequential(*[torch.nn.Identity() for _ in range(fast)], Slow(seconds), torch.nn.Identity())
+
+
+def test_progress_moves_while_one_long_module_runs(pack):
+    """A hook cannot split a module that runs for seconds: the ticker reports between two fires, rising, and
+    never past the mark of the fire that has not come."""
+    watch = pack.nodes.watch
+    module = slow_model()
+    fractions = []
+    w = watch.ModuleWatch(module, on_fraction=fractions.append, report_every=0.05)
+    w.learned[(1, 1, 1, 1)] = 8  # 8 fires expected: 4 fast, the slow one, the last, the Sequential
+    with w.attached(), w.call((1, 1, 1, 1)):
+        module(torch.zeros(1))
+    inside_slow = [f for f in fractions if 4 / 8 < f < 5 / 8]
+    assert w.ticks >= 5 and len(set(inside_slow)) >= 5, fractions  # rising all through the long module
+    assert fractions == sorted(fractions) and max(fractions) <= watch.MAX_FRACTION
+    assert not any(m._forward_hooks for m in module.modules())
+
+
+def test_a_compiled_call_without_hooks_still_shows_progress(pack):
+    """No hooks (a compiled model): the whole call is one step, estimated from the length it took before."""
+    watch = pack.nodes.watch
+    module = Slow(0.4)
+    fractions = []
+    w = watch.ModuleWatch(module, on_fraction=fractions.append, report_every=0.05)
+    with w.call((1, 1, 1, 1)):
+        module(torch.zeros(1))
+    assert w.learned[("seconds", (1, 1, 1, 1))] >= 0.4
+    fractions.clear()
+    with w.call((1, 1, 1, 1)):
+        module(torch.zeros(1))
+    assert len(fractions) >= 4 and fractions == sorted(fractions) and 0.3 < fractions[-1] < 1.0, fractions
+
+
+def test_a_cancel_raised_in_a_progress_report_reaches_the_model_thread(pack):
+    """ComfyUI's progress hook checks for Cancel and clears the flag as it raises: raised in the ticker's
+    thread, the exception is raised again in the model's thread at the next hook, and the rest never runs."""
+    watch = pack.nodes.watch
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def report(fraction):
+        if fractions:
+            raise InterruptProcessingException()
+        fractions.append(fraction)
+
+    fractions, after = [], []
+    module = slow_model(seconds=0.4)
+    module[-1].register_forward_hook(lambda *a: after.append(1))
+    w = watch.ModuleWatch(module, on_fraction=report, report_every=0.05)
+    with pytest.raises(InterruptProcessingException):
+        with w.attached(), w.call((1, 1, 1, 1)):
+            module(torch.zeros(1))
+    assert fractions and after == [], "the module after the cancel did not run"
+
+
+def test_the_ticker_reports_in_the_callers_context(pack):
+    """ComfyUI finds the running node from a context variable: the ticker's reports see the caller's."""
+    watch = pack.nodes.watch
+    node = contextvars.ContextVar("node", default=None)
+    seen = []
+    node.set("7")
+    w = watch.ModuleWatch(Slow(0.3), on_fraction=lambda f: seen.append((node.get(), threading.current_thread().name)),
+                          report_every=0.05)
+    with w.call((1, 1, 1, 1)):
+        w.module(torch.zeros(1))
+    assert seen and all(n == "7" for n, _ in seen)
+    assert any(t != threading.current_thread().name for _, t in seen), "reports came from the ticker"
 
 
 def test_cancel_takes_effect_between_modules_inside_the_model_call(pack, engine, watch):
