@@ -28,6 +28,9 @@ What it does, on 127.0.0.1 only:
    node's progress messages (largest gap between two), then presses Cancel and measures how long the
    run takes to stop.
 7. Opens the template browser on the pack's templates and checks that each thumbnail loads.
+8. At a 1280×720 window (a laptop's browser), loads each template and checks that every node, title
+   included, lies where the canvas shows (not under the menu bar, the tabs, the side bar, the minimap, the
+   canvas buttons or past the window's edge).
 Screenshots and a JSON summary go to ``--out`` (default ``./frontend_check``).
 """
 
@@ -81,6 +84,80 @@ class Check:
         if not ok:
             self.failures.append(what)
         return ok
+
+
+FIT_VIEWPORT = {"width": 1280, "height": 720}
+FIT_STEP = 4  # px between the probed points of the window
+
+
+def visible_canvas(page) -> list[list[bool]]:
+    """Which points of the window show the graph: the canvas itself or a node's DOM widget (text panels,
+    image previews) on it; not the menu bar, the tabs, the side bar, the minimap or the canvas buttons."""
+    return page.evaluate("""(step) => {
+        const canvas = window.app.canvas.canvas;
+        const rows = [];
+        for (let y = 0; y < window.innerHeight; y += step) {
+          const row = [];
+          for (let x = 0; x < window.innerWidth; x += step) {
+            const el = document.elementFromPoint(x, y);
+            row.push(el === canvas || !!(el && el.closest(".dom-widget")));
+          }
+          rows.push(row);
+        }
+        return rows;
+    }""", FIT_STEP)
+
+
+def node_boxes(page) -> list[dict]:
+    """Each node's box on screen (window px, title bar included)."""
+    return page.evaluate("""() => {
+        const c = window.app.canvas, ds = c.ds, r = c.canvas.getBoundingClientRect();
+        const title = (window.LiteGraph && window.LiteGraph.NODE_TITLE_HEIGHT) || 30;
+        return window.app.graph._nodes.map((n) => {
+          const x0 = (n.pos[0] + ds.offset[0]) * ds.scale + r.left;
+          const y0 = (n.pos[1] - title + ds.offset[1]) * ds.scale + r.top;
+          return {type: n.type, x0, y0, x1: x0 + n.size[0] * ds.scale, y1: y0 + (n.size[1] + title) * ds.scale};
+        });
+    }""")
+
+
+def hidden_part(box: dict, shown: list[list[bool]]) -> float:
+    """Share of ``box``'s probed points that the canvas does not show."""
+    total = hidden = 0
+    for j, row in enumerate(shown):
+        y = j * FIT_STEP
+        if not box["y0"] <= y <= box["y1"]:
+            continue
+        for i, seen in enumerate(row):
+            if box["x0"] <= i * FIT_STEP <= box["x1"]:
+                total += 1
+                hidden += not seen
+    ys, xs = len(shown) * FIT_STEP, len(shown[0]) * FIT_STEP if shown else 0
+    if box["x0"] < 0 or box["y0"] < 0 or box["x1"] > xs or box["y1"] > ys:  # beyond the window: hidden too
+        area = (box["x1"] - box["x0"]) * (box["y1"] - box["y0"])
+        inside = max(0.0, min(box["x1"], xs) - max(box["x0"], 0)) * max(0.0, min(box["y1"], ys) - max(box["y0"], 0))
+        return 1 - (inside / area) * (1 - hidden / max(total, 1))
+    return hidden / max(total, 1)
+
+
+def check_fit(check, browser, base: str, out: Path, pack_key: str) -> None:
+    context = browser.new_context(viewport=FIT_VIEWPORT)
+    small = Session(context.new_page(), base, out)
+    small.pack_key = pack_key
+    small.open()
+    fits = {}
+    for name in TEMPLATES:
+        small.load_template(name)
+        small.page.wait_for_timeout(500)
+        shown = visible_canvas(small.page)
+        boxes = node_boxes(small.page)
+        off = {b["type"]: round(hidden_part(b, shown), 3) for b in boxes if hidden_part(b, shown) > 0.0}
+        fits[name] = off
+        small.shot(f"{name}_1280x720")
+        check(not off, f"{name} at 1280×720: every node in view" + (f" (hidden parts: {off})" if off else ""))
+    check.facts["fit_1280x720"] = fits
+    context.close()
+
 
 
 class Session:
@@ -348,6 +425,9 @@ def run(args) -> int:
                 s.shot("upscale_cancelled")
                 cancelled = s.panels().get("FlexSRUpscaleImage", {})
                 check(cancelled.get("text") == "cancelled", f"after Cancel the upscale node's panel says {cancelled.get('text')!r}")
+
+                # the templates in a laptop's window
+                check_fit(check, browser, base, out, s.pack_key)
 
                 # the template browser
                 page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")

@@ -214,21 +214,31 @@ def test_feather_mask_stand_in_fades_each_edge():
     assert torch.allclose(mask[0, :2, 7], torch.tensor([0.5, 1.0])) and float(mask[0, 3:, 4:].min()) == 1.0
 
 
-#: The view a template opens in: ComfyUI's side bar and top bar cover the canvas's left and top edges.
-VIEW = {"left": 100, "top": 100, "width": 1600, "height": 900}
+#: A laptop's browser window (1280×720) as ComfyUI's front end (1.27) lays it out: the canvas starts below
+#: the menu bar and right of the side bar (40 px each); the workflow tabs cover the canvas's top 40 px;
+#: the minimap and, below it, the canvas buttons cover the bottom-right corner. Measured in headless Chromium
+#: (``bench/comfy_frontend_check.py`` checks the rendered nodes the same way).
+WINDOW = {"width": 1280, "height": 720}
+CANVAS_ORIGIN = (40, 40)
+TOP_BARS = 80
+COVERED = ({"left": 985, "top": 452}, {"left": 955, "top": 656})  # the minimap; the canvas buttons
+TITLE, BADGE = 30, 14
 
 
 @pytest.mark.parametrize("name", ["fuse_and_save_model", "upscale_image", "upscale_rgba_with_mask"])
-def test_template_opens_inside_the_view_with_a_thumbnail(name):
+def test_template_opens_inside_a_1280x720_window_with_a_thumbnail(name):
     workflow = load(f"{name}.json")
     ds = workflow["extra"]["ds"]
     scale, (ox, oy) = ds["scale"], ds["offset"]
     for node in workflow["nodes"]:
         (x, y), (w, h) = node["pos"], node["size"]
-        left, top = (x + ox) * scale, (y - 40 + oy) * scale  # 40: the title bar and the pack's badge above it
-        right, bottom = (x + w + ox) * scale, (y + h + oy) * scale
-        assert left >= VIEW["left"] and top >= VIEW["top"], f"{node['type']} at {node['pos']} is under the bars"
-        assert right <= VIEW["width"] and bottom <= VIEW["height"], f"{node['type']} ends outside {VIEW}"
+        left = (x + ox) * scale + CANVAS_ORIGIN[0]
+        top = (y - TITLE - BADGE + oy) * scale + CANVAS_ORIGIN[1]  # the pack's badge sits above the title
+        right, bottom = left + w * scale, (y + h + oy) * scale + CANVAS_ORIGIN[1]
+        assert left >= CANVAS_ORIGIN[0] and top >= TOP_BARS, f"{node['type']} at {node['pos']} is under the bars"
+        assert right <= WINDOW["width"] and bottom <= WINDOW["height"], f"{node['type']} ends outside {WINDOW}"
+        for corner in COVERED:
+            assert not (right > corner["left"] and bottom > corner["top"]), f"{node['type']} is under the minimap"
         if node["type"] == "FlexSRLoadUpscaleModel":
             assert w >= 400, "room for the model_name label and a long file name"
     thumb = WORKFLOWS / f"{name}.jpg"
