@@ -16,7 +16,7 @@ from .errors import (
 )
 from .reparam import ReparamModule, fusable_modules, fuse
 from .interpolate import InterpolationError, interpolate_descriptors, interpolate_models, interpolate_state_dicts
-from .compile import COMPILE_FAMILIES, CompiledModel, compile_pays, compiled
+from .compile import CompiledModel, compiled
 from .registry import (
     REGISTRY,
     FlexSRArchitecture,
@@ -67,9 +67,7 @@ __all__ = [
     "interpolate_descriptors",
     "interpolate_models",
     "interpolate_state_dicts",
-    "COMPILE_FAMILIES",
     "CompiledModel",
-    "compile_pays",
     "compiled",
     "FlexNet",
     "FlexNetArch",

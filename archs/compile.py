@@ -18,8 +18,10 @@ Any failure to compile (no C++ compiler, an unsupported op, a recompile limit) l
 model runs eagerly from then on: same results, no crash. Out-of-memory errors pass through (the caller
 may retry smaller).
 
-Whether compiling pays depends on the family: :data:`COMPILE_FAMILIES` lists, per device type, those
-measured faster compiled (``bench/bench_compile.py``); :func:`compile_pays` reads it.
+Whether compiling pays depends on the network and the machine (one host measured FlexNet 1.55x faster
+compiled, another of the same kind 1.04-1.09x), so no list of families is kept here: the upscale node's
+``compile="auto"`` times the network compiled against eager on the running machine and remembers the answer
+(``nodes/choices.py``); ``bench/bench_compile.py`` measures every family.
 """
 
 from __future__ import annotations
@@ -39,23 +41,6 @@ log = logging.getLogger("flexsr")
 CACHE_ENV = "FLEXSR_COMPILE_CACHE"
 #: Shapes compiled per model at most; a new shape beyond them runs eagerly.
 MAX_SHAPES = 8
-
-#: Families (spandrel ``Architecture.id``) measured at least 1.05x faster compiled than eager, per device
-#: type. Only these are compiled by ``compile="auto"``. CPU, bench/bench_compile.py (64² x2, small configs,
-#: one thread, interleaved medians of CPU time, a quiet machine): FlexNet 1.55x (MetaFlexNet 1.08x), EIMN
-#: 1.26x, the DaViT transformer 1.08x; not LMLT (0.99x) nor LAMNet (1.02x), whose eager inference forms
-#: leave the compiler nothing to gain. CUDA is not measured yet: none there.
-COMPILE_FAMILIES: dict[str, frozenset[str]] = {
-    "cpu": frozenset({"FlexNet", "EIMN", "TransformerSR"}),
-    "cuda": frozenset(),
-}
-
-
-def compile_pays(family: str, device: torch.device | str) -> bool:
-    """Whether ``family`` was measured faster compiled on this kind of device (:data:`COMPILE_FAMILIES`)."""
-    kind = torch.device(device).type
-    return family in COMPILE_FAMILIES.get(kind, frozenset())
-
 
 def default_cache_dir() -> Path:
     """``$FLEXSR_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/flexsr/torch_compile`` (``~/.cache/...``)."""
@@ -225,4 +210,4 @@ def compiled(model, *, max_shapes: int = MAX_SHAPES, mode: Optional[str] = None,
     return item
 
 
-__all__ = ["COMPILE_FAMILIES", "CompiledModel", "compile_pays", "compiled", "default_cache_dir", "use_cache_dir"]
+__all__ = ["CompiledModel", "compiled", "default_cache_dir", "use_cache_dir"]
