@@ -11,7 +11,11 @@ What it does:
 1. Writes the models into ``<ComfyUI>/models/upscale_models`` under names of its own (removed at the end):
    ``eimn`` = the pack's ``FlexSR_anime_x2`` (EIMN_A ×2), ``flexnet`` = a FlexNet ×2 in the published
    default configuration (dim 64, blocks 6×6, window 8: 3,003,628 parameters) with seeded random
-   weights, ``flexnet_tiny`` = the pack's ``FlexSR_default_x2``. Links the pack into ``custom_nodes``
+   weights, ``flexnet_tiny`` = the pack's ``FlexSR_default_x2``, ``lmlt`` = the published LMLT_tiny ×2
+   (``../shared/weights/LMLT_tiny_x2.pth``), ``lamnet`` = LAMNet (the released base configuration) ×2,
+   ``davit`` = the DaViT-style SR transformer in its published configuration (8 blocks, dim 256, window 4,
+   16 heads) at ×2, ``compact`` = spandrel's Compact as realesr-animevideov3 (64 features, 16 convs) ×2;
+   the last three with seeded random weights. Links the pack into ``custom_nodes``
    (unless a folder of that name is there already) and starts ``main.py --cpu --listen 127.0.0.1``
    with ``--threads`` torch threads and its input, output and temp folders in a scratch folder.
 2. Builds one API prompt per model holding both chains: LoadImage → UpscaleModelLoader →
@@ -226,6 +230,24 @@ class Comfy:
 # Models, images, prompts
 
 
+def _random_models() -> dict:
+    from spandrel.architectures.Compact import Compact
+
+    from archs.lamnet import LAMNet_base
+    from archs.transformer_sr import SR
+
+    return {
+        "lamnet": ("LAMNet ×2, the released base configuration", lambda: LAMNet_base(scale=2)),
+        "davit": ("DaViT-style SR transformer ×2, published configuration (8 blocks, dim 256, window 4, 16 heads)",
+                  lambda: SR(factor=2, num_blocks=8, dim=256, window_size=4, num_heads=16)),
+        "compact": ("Compact ×2 as realesr-animevideov3 (64 features, 16 convs)",
+                    lambda: Compact(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=16, upscale=2)),
+    }
+
+
+MODEL_KEYS = ("eimn", "flexnet", "flexnet_tiny", "lmlt", "lamnet", "davit", "compact")
+
+
 def write_models(folder: Path, which: list[str], seed: int) -> dict[str, dict]:
     """``which`` → {"file": name in upscale_models, "what": description}; files written into ``folder``."""
     sys.path.insert(0, str(PACK))
@@ -233,6 +255,8 @@ def write_models(folder: Path, which: list[str], seed: int) -> dict[str, dict]:
     from safetensors.torch import save_file
 
     from archs.flexnet import FlexNet  # the pack's archs/ is importable alone (no ComfyUI)
+
+    RANDOM = _random_models()
 
     out = {}
     for key in which:
@@ -254,8 +278,23 @@ def write_models(folder: Path, which: list[str], seed: int) -> dict[str, dict]:
             save_file(sd, str(folder / name))
             count = sum(p.numel() for p in model.parameters())
             what = f"FlexNet ×2, published defaults (dim 64, blocks 6×6, window 8), {count:,} params, random (seed {seed})"
+        elif key == "lmlt":
+            weights = PACK.parent / "shared" / "weights" / "LMLT_tiny_x2.pth"
+            if not weights.is_file():
+                raise SystemExit(f"lmlt needs the published LMLT_tiny ×2 weights at {weights}")
+            name = f"flexsr_bench_{key}_x2.pth"
+            shutil.copyfile(weights, folder / name)
+            what = "LMLT_tiny ×2 (the published weights)"
+        elif key in RANDOM:
+            label, build = RANDOM[key]
+            torch.manual_seed(seed)
+            model = build()
+            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(sd, str(folder / name))
+            count = sum(p.numel() for p in model.parameters())
+            what = f"{label}, {count:,} params, random (seed {seed})"
         else:
-            raise SystemExit(f"unknown model {key!r}: choose from eimn, flexnet, flexnet_tiny")
+            raise SystemExit(f"unknown model {key!r}: choose from {', '.join(MODEL_KEYS)}")
         out[key] = {"file": name, "what": what}
     return out
 
@@ -321,7 +360,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", type=Path, required=True, help="ComfyUI checkout (holds main.py)")
     ap.add_argument("--python", default=sys.executable, help="the python that runs ComfyUI (default: this one)")
-    ap.add_argument("--models", default="eimn,flexnet", help="eimn, flexnet, flexnet_tiny (comma-separated)")
+    ap.add_argument("--models", default="eimn,flexnet", help=", ".join(MODEL_KEYS) + " (comma-separated)")
     ap.add_argument("--sizes", default="512,1536", help="input sides in px (square inputs)")
     ap.add_argument("--repeats", default="512:5,1536:3", help="timed pairs per size: N or SIZE:N,...")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in ComfyUI (OMP_NUM_THREADS)")
