@@ -76,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--art", type=Path, required=True, help="the art set (with val/ and test/)")
     p.add_argument("--qualities", type=int, nargs="+", default=[60, 70, 80, 90, 95])
     p.add_argument("--max-images", type=int, default=0, help="per split, spread evenly (0 = all)")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="side of the centre crop the measure reads (default: the node's MAX_SIDE)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     quality = load_quality()
+    if args.max_side:
+        quality.MAX_SIDE = args.max_side
+    print(f"measure on a centre crop of at most {quality.MAX_SIDE} px a side")
     t0, load0 = time.process_time(), load_average()
     val = scores(args.art / "val", args.qualities, args.max_images, quality)
     test = scores(args.art / "test", args.qualities, args.max_images, quality)
