@@ -210,7 +210,7 @@ class ModuleWatch:
 
     def _start_ticker(self) -> None:
         if self.on_fraction is None or self.report_every <= 0 or self.clock is not time.monotonic:
-            return
+            return  # nothing to report to, reports on every hook, or a caller's own clock (tests): no thread
         self._stop.clear()
         context = contextvars.copy_context()  # ComfyUI finds the running node and prompt in it
         self._ticker = threading.Thread(target=context.run, args=(self._tick,), name="flexsr-progress", daemon=True)
