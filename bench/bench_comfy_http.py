@@ -230,13 +230,28 @@ class Comfy:
 # Models, images, prompts
 
 
+def _spread_flexnet():
+    import torch
+
+    from archs.flexnet import FlexNet  # the pack's archs/ is importable alone (no ComfyUI)
+
+    model = FlexNet(scale=2)
+    with torch.no_grad():  # RMSNorm weights and layer scales start at 1: give them some spread too
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
 def _random_models() -> dict:
+    """key -> (description, builder) of the models written with seeded random weights."""
     from spandrel.architectures.Compact import Compact
 
     from archs.lamnet import LAMNet_base
     from archs.transformer_sr import SR
 
     return {
+        "flexnet": ("FlexNet ×2, published defaults (dim 64, blocks 6×6, window 8)", _spread_flexnet),
         "lamnet": ("LAMNet ×2, the released base configuration", lambda: LAMNet_base(scale=2)),
         "davit": ("DaViT-style SR transformer ×2, published configuration (8 blocks, dim 256, window 4, 16 heads)",
                   lambda: SR(factor=2, num_blocks=8, dim=256, window_size=4, num_heads=16)),
@@ -254,8 +269,6 @@ def write_models(folder: Path, which: list[str], seed: int) -> dict[str, dict]:
     import torch
     from safetensors.torch import save_file
 
-    from archs.flexnet import FlexNet  # the pack's archs/ is importable alone (no ComfyUI)
-
     RANDOM = _random_models()
 
     out = {}
@@ -267,17 +280,6 @@ def write_models(folder: Path, which: list[str], seed: int) -> dict[str, dict]:
         elif key == "flexnet_tiny":
             shutil.copyfile(PACK / "models" / "FlexSR_default_x2.safetensors", folder / name)
             what = "FlexNet ×2 dim 16, blocks 2+2 (the pack's FlexSR_default_x2)"
-        elif key == "flexnet":
-            torch.manual_seed(seed)
-            model = FlexNet(scale=2)
-            with torch.no_grad():  # RMSNorm weights and layer scales start at 1: give them some spread too
-                for p in model.parameters():
-                    if p.dim() == 1:
-                        p.mul_(1 + 0.1 * torch.randn_like(p))
-            sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(sd, str(folder / name))
-            count = sum(p.numel() for p in model.parameters())
-            what = f"FlexNet ×2, published defaults (dim 64, blocks 6×6, window 8), {count:,} params, random (seed {seed})"
         elif key == "lmlt":
             weights = PACK.parent / "shared" / "weights" / "LMLT_tiny_x2.pth"
             if not weights.is_file():
