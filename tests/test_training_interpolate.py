@@ -158,3 +158,37 @@ def test_the_command_line_names_a_folder_out_and_a_full_disk(tmp_path, capsys):
     assert res.returncode == 1, res.stderr
     assert "No room to write 'c.safetensors'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".c.safetensors.tmp-*"))
+
+
+def test_unblend_inverts_the_blend_and_refuses_alpha_zero():
+    from archs.interpolate import unblend_state_dicts
+
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(7)}
+    c = interpolate_state_dicts(a, b, 0.25)
+    back = unblend_state_dicts(a, c, 0.25)
+    assert torch.equal(back["w"], b["w"]) and back["n"].item() == c["n"].item()
+    with pytest.raises(InterpolationError, match="alpha 0"):
+        unblend_state_dicts(a, c, 0.0)
+
+
+def test_a_fine_tune_comes_back_from_its_blend_with_its_record(tmp_path):
+    ma, mb = _eimn(0), _eimn(1)
+    pa = export_safetensors(ma, tmp_path / "a.safetensors", {"command": "train a"})
+    pb = export_safetensors(mb, tmp_path / "b.safetensors", {"command": "train b", "seed": "5"})
+    pc = interpolate_files(pa, pb, 0.3, tmp_path / "c.safetensors")
+    assert main([str(pa), str(pc), "--alpha", "0.3", "--unblend", "--out", str(tmp_path / "b2.safetensors")]) == 0
+    back = archs.load_model(tmp_path / "b2.safetensors").model.state_dict()
+    for key, v in mb.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(back[key], v, rtol=0, atol=1e-5)
+    with safe_open(str(tmp_path / "b2.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["command"] == "train b" and meta["seed"] == "5"  # B's own record, not the blend's
+    assert meta["recovered"].startswith(f"(c.safetensors sha256={hashlib.sha256(pc.read_bytes()).hexdigest()} - 0.7 x")
+    assert "--unblend" in meta["recovered_command"]
+    # the wrong alpha or the wrong base is named, and nothing is written
+    assert main([str(pa), str(pc), "--alpha", "0.4", "--unblend", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main([str(pb), str(pc), "--alpha", "0.3", "--unblend", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main([str(pa), str(pb), "--alpha", "0.3", "--unblend", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
