@@ -332,6 +332,22 @@ def test_batches_are_a_pure_function_of_seed_step_and_rank():
     assert len(ds) == 4 and torch.equal(ds[1][1], hr)
 
 
+def test_anchor_patches_follow_the_batch_with_clean_matlab_lr():
+    plain = _sampler(jpeg=40, noise=5)
+    anchored = _sampler(jpeg=40, noise=5)
+    anchored.anchors = 3
+    lr0, hr0 = plain.batch(5)
+    lr, hr = anchored.batch(5)
+    assert lr.shape == (7, 3, 8, 8) and hr.shape == (7, 3, 16, 16)
+    assert torch.equal(lr[:4], lr0) and torch.equal(hr[:4], hr0)  # the degraded batch is the one without anchors
+    # the anchors: 8-bit MATLAB-bicubic LR of their HR, no noise, no JPEG
+    want = (downscale(hr[4:], 2, "matlab").clamp(0, 1) * 255).round() / 255
+    assert torch.equal(lr[4:], want)
+    assert torch.equal(anchored.batch(5)[0], lr)  # still a pure function of the step
+    with pytest.raises(ValueError, match="anchors"):
+        PatchSampler(plain.images, 16, 4, plain.degradation, anchors=-1)
+
+
 def _occurs_in(patch: np.ndarray, img: np.ndarray) -> bool:
     """Whether ``patch`` [p, p, 3] is a crop of ``img`` [H, W, 3] (exact match)."""
     p = patch.shape[0]

@@ -143,6 +143,49 @@ def test_pretrained_at_another_scale_keeps_the_body_and_reinitialises_the_tail(a
 
 
 # --------------------------------------------------------------------------------------------------
+# Distillation: clean anchor patches held to a frozen model
+
+
+def _clean_distance(a, b) -> float:
+    """Mean |a(x) - b(x)| over fixed clean inputs (the kind --distill's anchors are)."""
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return float((a.eval()(x) - b.eval()(x).clamp(0, 1)).abs().mean())
+
+
+def test_distill_holds_clean_patches_to_the_frozen_model_and_records_it(tmp_path, capsys):
+    start = Path(run_inline(tiny_args("Compact", tmp_path / "start", "--scale", "2", "--seed", "1"))["model"])
+    teacher = Path(run_inline(tiny_args("Compact", tmp_path / "teacher", "--scale", "2", "--seed", "2"))["model"])
+    common = [*TINY_RUN, "--pretrained", str(start), "--steps", "30", "--lr", "3e-3", "--lr-warmup", "0", "--ema", "0",
+              "--jpeg", "30", "--jpeg-prob", "1", "--batch-size", "2"]
+    plain = run_inline([*common, "--out", str(tmp_path / "plain")])
+    held = run_inline([*common, "--distill", str(teacher), "--distill-batch", "2", "--distill-weight", "20",
+                       "--out", str(tmp_path / "held")])
+    records = train_records(tmp_path / "held")
+    assert all(np.isfinite(r["distill_l1"]) and r["distill_l1"] > 0 for r in records)
+    assert all("distill_l1" not in r for r in train_records(tmp_path / "plain"))
+    t = archs.load_model(teacher).model
+    d_plain = _clean_distance(archs.load_model(plain["model"]).model, t)
+    d_held = _clean_distance(archs.load_model(held["model"]).model, t)
+    d_start = _clean_distance(archs.load_model(start).model, t)
+    assert d_held < 0.5 * d_start and d_held < 0.5 * d_plain, (d_start, d_plain, d_held)
+    with safe_open(held["model"], "pt") as f:
+        meta = f.metadata()
+    with safe_open(str(teacher), "pt") as f:
+        parent = f.metadata()
+    assert meta["distill"] == f"{teacher.name} sha256={hashlib.sha256(teacher.read_bytes()).hexdigest()}"
+    assert meta["distill_seed"] == parent["seed"] == "2" and "--distill-weight 20" in meta["command"]
+    # a teacher of another scale cannot guide the run: an error naming it, nothing exported
+    x4 = Path(run_inline(tiny_args("Compact", tmp_path / "x4", "--scale", "4"))["model"])
+    capsys.readouterr()
+    assert finetune.main([*common, "--distill", str(x4), "--out", str(tmp_path / "bad")]) == 2
+    assert "x4 model cannot guide a x2 run" in capsys.readouterr().err
+    assert not list((tmp_path / "bad").glob("*.safetensors"))
+    with pytest.raises(SystemExit):
+        finetune.parse_args([*common, "--distill", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "m")])
+
+
+# --------------------------------------------------------------------------------------------------
 # GAN, data folders
 
 

@@ -230,6 +230,10 @@ class PatchSampler:
 
     ``patch_size`` is the HR patch side (a multiple of ``degradation.scale``); ``batch_size`` is per
     process. Augmentation: random crop, flips and 90° rotations.
+
+    ``anchors`` > 0 appends that many more patches to every batch, drawn after the degraded ones (so the first
+    ``batch_size`` are the same with or without them), each with the clean MATLAB-bicubic LR of the papers: the
+    patches ``--distill`` scores against a frozen model's output instead of the HR.
     """
 
     images: ImageSet
@@ -238,18 +242,32 @@ class PatchSampler:
     degradation: Degradation
     seed: int = 0
     augment: bool = True
+    anchors: int = 0
 
     def __post_init__(self) -> None:
         s = self.degradation.scale
         if self.patch_size % s or self.patch_size < s:
             raise ValueError(f"--patch-size {self.patch_size} must be a positive multiple of the scale {s}")
+        if self.anchors < 0:
+            raise ValueError(f"anchors must be at least 0, got {self.anchors}")
 
     def batch(self, step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LR ``[B, 3, P/s, P/s]``, HR ``[B, 3, P, P]``) float32 in 0..1 for ``step`` of ``rank``."""
+        """(LR ``[B + A, 3, P/s, P/s]``, HR ``[B + A, 3, P, P]``) float32 in 0..1 for ``step`` of ``rank``
+        (B = ``batch_size``, A = ``anchors``: the last A have clean MATLAB-bicubic LR)."""
         g = torch.Generator().manual_seed(step_seed(self.seed, step, rank))
+        hr = self._patches(g, self.batch_size)
+        lr, _ = self.degradation.apply(hr, g)
+        if self.anchors:
+            hr_a = self._patches(g, self.anchors)
+            lr_a = (downscale(hr_a, self.degradation.scale, "matlab").clamp(0, 1) * 255).round() / 255
+            lr, hr = torch.cat([lr, lr_a]), torch.cat([hr, hr_a])
+        return lr.contiguous(), hr
+
+    def _patches(self, g: torch.Generator, count: int) -> torch.Tensor:
+        """``count`` random HR crops ``[count, 3, P, P]`` (0..1), augmented, drawn from ``g``."""
         p, n = self.patch_size, len(self.images)
         patches = []
-        for _ in range(self.batch_size):
+        for _ in range(count):
             img = self.images.get(int(torch.randint(n, (1,), generator=g)))
             h, w = img.shape[:2]
             top = int(torch.randint(h - p + 1, (1,), generator=g))
@@ -258,9 +276,7 @@ class PatchSampler:
             if self.augment:
                 crop = augment(crop, int(torch.randint(8, (1,), generator=g)))
             patches.append(np.ascontiguousarray(crop))
-        hr = torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-        lr, _ = self.degradation.apply(hr, g)
-        return lr.contiguous(), hr
+        return torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 class StepBatches(torch.utils.data.Dataset):

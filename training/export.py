@@ -107,6 +107,8 @@ def provenance(args, device, seconds: float) -> dict[str, str]:
         "torch": torch.__version__,
         # the file it started from: name, SHA-256 and, for a model made here, how that one was made
         **(lineage(args.pretrained, "pretrained") if getattr(args, "pretrained", None) else {}),
+        # the frozen model whose clean-input outputs it was held to (--distill)
+        **(lineage(args.distill, "distill") if getattr(args, "distill", None) else {}),
     }
 
 

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "what the shipped fine-tunes measured best (models/README.md); the embedded default run uses 1")
     lo.add_argument("--l1-warmup", type=int, default=None, metavar="N", help="plain-L1 steps before the edge-weighted "
                     "loss (and the GAN) start (default: half of --steps)")
+    lo.add_argument("--distill", metavar="FILE", help="keep this frozen model's behaviour on clean input (e.g. the "
+                    "published checkpoint a real-world fine-tune starts from): every batch gets --distill-batch more "
+                    "patches with clean MATLAB-bicubic LR, scored by L1 against FILE's output on them instead of the HR")
+    lo.add_argument("--distill-batch", type=int, default=4, metavar="N", help="--distill: clean patches per step and "
+                    "process, on top of --batch-size")
+    lo.add_argument("--distill-weight", type=float, default=1.0, metavar="W", help="--distill: weight of their L1 "
+                    "(the pixel loss of the batch has weight 1)")
     lo.add_argument("--gan", choices=GAN_KINDS, default=None, help="add an adversarial loss with this discriminator "
                     "(vit/cait/crossformer/crossvit from archs; patch = conv PatchGAN)")
     lo.add_argument("--gan-args", type=_json_dict, default=None, metavar="JSON", help="keyword overrides for the "
@@ -428,7 +435,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "threads": 0, "workers": 0, "cache_mb": 0, "val_crop": 0, "val_max_images": 0, "freeze_body_steps": 0,
         "lr_warmup": 0, "synthetic_count": 1, "synthetic_val_count": 1, "synthetic_size": 8, "synthetic_val_size": 8,
         "seed": 0, "jpeg": 0, "blur": 0.0, "noise": 0.0, "weight_decay": 0.0, "clip_grad": 0.0, "min_lr": 0.0,
-        "gan_weight": 0.0, "time_budget": 0.0, "time_limit": 0.0,
+        "gan_weight": 0.0, "time_budget": 0.0, "time_limit": 0.0, "distill_batch": 1, "distill_weight": 0.0,
     }
     for name, low in at_least.items():
         value = getattr(args, name, None)
@@ -479,7 +486,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         fail("--name", name, "must be a plain file name (letters, digits, spaces, - _ + ( ) [ ] , .; no path "
              "separators, no '..', not a reserved device name such as CON or NUL, at most 200 bytes)")
 
-    for flag, value in (("--pretrained", args.pretrained),):
+    for flag, value in (("--pretrained", args.pretrained), ("--distill", args.distill)):
         if value and not Path(value).is_file():
             fail(flag, value, "no such file")
     for flag, folders in (("--data", args.data or []), ("--val", [args.val] if args.val else [])):

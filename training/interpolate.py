@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: python training/interpolate.py
 import archs  # noqa: E402
 from archs import InterpolationError, interpolate_state_dicts  # noqa: E402,F401 - re-exported for callers
 
-from .models import export_safetensors, file_sha256, lineage  # noqa: E402
+from .models import export_safetensors, file_metadata, file_sha256, lineage  # noqa: E402
 
 
 def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
@@ -65,7 +65,7 @@ def unblend_files(path_a: str | Path, path_blend: str | Path, alpha: float, out:
     path_a, path_blend, out = Path(path_a), Path(path_blend), Path(out)
     _check_out(out, overwrite, (path_a, path_blend))
     da, dc = archs.load_model(path_a), archs.load_model(path_blend)  # damaged files get the loader's own errors
-    meta = _metadata(path_blend)
+    meta = file_metadata(path_blend)
     made = re.search(r"alpha = ([0-9.eE+-]+)$", meta.get("interpolation", ""))
     if not made or not meta.get("a"):
         raise InterpolationError(f"{path_blend.name} records no blend (no 'interpolation' and 'a' in its metadata): "
@@ -102,16 +102,6 @@ def _check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> None:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if out.resolve() in tuple(p.resolve() for p in inputs):
         raise InterpolationError("the output must not be one of the inputs")
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    """A .safetensors file's metadata (the loader has read the file already); other formats carry none."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def main(argv: list[str] | None = None) -> int:

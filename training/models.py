@@ -316,13 +316,19 @@ def lineage(path: str | Path, prefix: str) -> dict[str, str]:
     ``prefix_`` names, so a chain of fine-tunes and blends stays readable from the last file alone."""
     path = Path(path)
     record = {prefix: f"{path.name} sha256={file_sha256(path)}"}
-    if path.suffix.lower() == ".safetensors":
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights were loaded elsewhere
-            meta = {}
-        record.update({f"{prefix}_{k}": v for k, v in meta.items() if k not in ("flexsr_architecture", "scale")})
+    try:
+        meta = file_metadata(path)
+    except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights were loaded elsewhere
+        meta = {}
+    record.update({f"{prefix}_{k}": v for k, v in meta.items() if k not in ("flexsr_architecture", "scale")})
     return record
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """A .safetensors file's metadata (its header's ``__metadata__``); other formats carry none."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})

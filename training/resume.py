@@ -53,7 +53,8 @@ def _plain_args(args) -> dict:
     return out
 
 
-_SAMPLING_ARGS = ("seed", "batch_size", "patch_size", "scale", "arch", "pretrained", "steps", "edge_weight", "l1_warmup", "gan")
+_SAMPLING_ARGS = ("seed", "batch_size", "patch_size", "scale", "arch", "pretrained", "steps", "edge_weight", "l1_warmup", "gan",
+                  "distill", "distill_batch", "distill_weight")
 
 
 def restore(run: Run, state: dict) -> int:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from archs.errors import IncompatibleWeightsError
+
 from . import distributed as D
 from .data import ImageSet, PatchSampler, StepBatches, scan_folders, val_pairs_from_arrays, val_pairs_from_folder
 from .degradations import Degradation, RealWorldDegradation
@@ -50,6 +52,7 @@ class Run:
     d_optimizer: torch.optim.Optimizer | None = None
     wrapped: nn.Module | None = None
     d_wrapped: nn.Module | None = None
+    teacher: nn.Module | None = None  # --distill: the frozen model the clean anchor patches are held to
     dtype: torch.dtype | None = None  # autocast dtype (None: float32 throughout)
     frozen_params: list = field(default_factory=list)  # the body's parameters while --freeze-body-steps holds them
     freeze_until: int = 0  # first step that trains the body (0: nothing frozen)
@@ -156,7 +159,8 @@ def build_run(args, dist: D.DistInfo) -> Run:
             scale=scale, modes=tuple(args.downscale), blur=args.blur, blur_prob=args.blur_prob,
             noise=args.noise, noise_prob=args.noise_prob, jpeg=args.jpeg, jpeg_prob=args.jpeg_prob,
         )
-    sampler = PatchSampler(images, args.patch_size, args.batch_size, degradation, args.seed, not args.no_augment)
+    anchors = args.distill_batch if getattr(args, "distill", None) else 0
+    sampler = PatchSampler(images, args.patch_size, args.batch_size, degradation, args.seed, not args.no_augment, anchors)
     l1_warmup = args.steps // 2 if args.l1_warmup is None or args.l1_warmup < 0 else args.l1_warmup
     gan_start = l1_warmup if args.gan_start is None or args.gan_start < 0 else args.gan_start
     pixel_loss = PixelLoss(args.edge_weight)
@@ -176,7 +180,22 @@ def build_run(args, dist: D.DistInfo) -> Run:
         run.d_optimizer = torch.optim.AdamW(run.disc.parameters(), lr=args.gan_lr, betas=(0.0, 0.99), weight_decay=0.0)
         log.info("GAN: %s discriminator (%s parameters), %s loss, weight %g, from step %d.",
                  args.gan, f"{parameter_count(run.disc):,}", args.gan_loss, args.gan_weight, gan_start)
+    if anchors:  # last: building it draws random numbers, which must not shift the draws above
+        run.teacher = load_teacher(args.distill, scale, dist.device)
+        log.info("Distillation: %d clean (MATLAB-bicubic) patches per step held to %s's output, weight %g.",
+                 anchors, args.distill, args.distill_weight)
     return run
+
+
+def load_teacher(path: str, scale: int, device: torch.device) -> nn.Module:
+    """The frozen ``--distill`` model (eval mode, no gradients), which must upscale by the run's ``scale``."""
+    import archs
+
+    desc = archs.load_model(path)
+    if int(desc.scale) != scale:
+        raise IncompatibleWeightsError(f"--distill {path}: a x{desc.scale} model cannot guide a x{scale} run; "
+                                       f"give the x{scale} checkpoint")
+    return desc.model.to(device).eval().requires_grad_(False)
 
 
 def freeze_body(run: Run, start: int) -> None:

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .losses import discriminator_loss, generator_adversarial_loss
 
@@ -34,11 +35,27 @@ def optimisation_step(run: Run, step: int, lr_img: torch.Tensor, hr_img: torch.T
     run.optimizer.zero_grad(set_to_none=True)
     with run.autocast():
         sr = run.wrapped(lr_img)
+    b = run.args.batch_size
+    anchored = run.teacher is not None and sr.shape[0] > b
+    if anchored:  # the last patches are --distill's clean anchors: held to the frozen model's output, not the HR
+        sr, sr_anchor, lr_anchor, hr_img = sr[:b], sr[b:], lr_img[b:], hr_img[:b]
     loss, parts = generator_loss(run, step, sr, hr_img, gan_on)
+    if anchored:
+        distill = distillation_loss(run, sr_anchor, lr_anchor)
+        loss = loss + run.args.distill_weight * distill
+        parts["distill_l1"] = distill.detach()
     update_generator(run, step, loss, parts)
     if gan_on:
         parts["d_loss"] = discriminator_step(run, sr, hr_img)
     return loss, parts, lr_now
+
+
+def distillation_loss(run: Run, sr: torch.Tensor, lr_img: torch.Tensor) -> torch.Tensor:
+    """L1 between the model's output ``sr`` on clean LR ``lr_img`` and the frozen ``--distill`` model's output on it
+    (float32, clamped to 0..1 as a saved image is)."""
+    with torch.no_grad(), run.autocast():
+        target = run.teacher(lr_img)
+    return F.l1_loss(sr.float(), target.float().clamp(0, 1))
 
 
 def set_learning_rate(run: Run, step: int) -> float:
