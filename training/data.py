@@ -66,7 +66,7 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray
             raise ImageTooLargeError(f"'{Path(path).name}' is {w}x{h} ({w * h / 1e6:.0f} MP), more than the "
                                      f"{max_pixels / 1e6:.0f} MP an image may have here; downscale it first.")
         im.load()
-        return np.ascontiguousarray(np.asarray(to_rgb(im), dtype=np.uint8))
+        return np.array(to_rgb(im), dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
 
 
 def _probe(path: Path) -> tuple[int, int]:
