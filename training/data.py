@@ -259,8 +259,7 @@ class PatchSampler:
         lr, _ = self.degradation.apply(hr, g)
         if self.anchors:
             hr_a = self._patches(g, self.anchors)
-            lr_a = (downscale(hr_a, self.degradation.scale, "matlab").clamp(0, 1) * 255).round() / 255
-            lr, hr = torch.cat([lr, lr_a]), torch.cat([hr, hr_a])
+            lr, hr = torch.cat([lr, make_lr(hr_a, self.degradation.scale, "matlab")]), torch.cat([hr, hr_a])
         return lr.contiguous(), hr
 
     def _patches(self, g: torch.Generator, count: int) -> torch.Tensor:
