@@ -149,6 +149,19 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's own metadata (the header's ``__metadata__``: text keys and values), read through the
+    bounded header check above; ``{}`` for a file of another kind or one without metadata. A damaged or
+    oversized header raises :class:`CorruptCheckpointError` like a load would."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    meta = safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"'{path.name}': its header's metadata is not a table of text; it is damaged.")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 

@@ -16,6 +16,7 @@ from spandrel import ImageModelDescriptor
 
 from ..archs import FlexSRError, fusable_modules, fuse, interpolate_descriptors, load_model
 from ..archs.errors import DiskFullError, is_no_room
+from ..archs.files import safetensors_metadata
 from . import host
 from .engine import alignment, parameter_count
 
@@ -61,12 +62,11 @@ def load(path: str | os.PathLike) -> ImageModelDescriptor:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
-
+    """The file's FlexSR metadata, or ``{}``: metadata is a convenience, a file without it (or one the loader
+    will refuse for its own reasons) loads the same."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # metadata is a convenience: a file without it loads the same
+        return safetensors_metadata(path)
+    except (FlexSRError, OSError):
         return {}
 
 

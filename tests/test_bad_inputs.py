@@ -591,3 +591,20 @@ def test_safetensors_written_by_the_pack_still_load(tmp_path):
     path = tmp_path / "good.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
     assert archs.load_model(path).scale == 2
+
+
+def test_metadata_is_read_through_the_bounded_header_check(tmp_path):
+    """The one metadata reader (the loader node, lineage and unblend use it) gives a good file's metadata back
+    and refuses every safetensors header attack with the loader's own error, before reading any data."""
+    from archs.files import safetensors_metadata
+
+    sd = crafted.state_dicts()["lmlt"]
+    path = tmp_path / "good.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"flexsr_use": "clean"})
+    assert safetensors_metadata(path) == {"flexsr_use": "clean"}
+    assert safetensors_metadata(tmp_path / "other.pth") == {}  # other formats carry none
+    attacks = {k: v for k, v in crafted.corrupt_file_cases().items() if k.startswith("st header")}
+    assert len(attacks) >= 3
+    for case, (build, _) in attacks.items():
+        with pytest.raises(archs.CorruptCheckpointError, match=build(tmp_path).name):
+            safetensors_metadata(build(tmp_path))

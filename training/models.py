@@ -20,6 +20,7 @@ from torch import nn
 
 import archs
 from archs.errors import UnsupportedModelError
+from archs.files import safetensors_metadata
 
 log = logging.getLogger("flexsr")
 
@@ -326,9 +327,4 @@ def lineage(path: str | Path, prefix: str) -> dict[str, str]:
 
 def file_metadata(path: str | Path) -> dict[str, str]:
     """A .safetensors file's metadata (its header's ``__metadata__``); other formats carry none."""
-    if Path(path).suffix.lower() != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(path)
