@@ -35,8 +35,9 @@ if __package__ in (None, ""):  # run as a script: python training/interpolate.py
 
 import archs  # noqa: E402
 from archs import InterpolationError, interpolate_state_dicts  # noqa: E402,F401 - re-exported for callers
+from archs.files import safetensors_metadata  # noqa: E402
 
-from .models import export_safetensors, file_metadata, file_sha256, lineage  # noqa: E402
+from .models import export_safetensors, file_sha256, lineage  # noqa: E402
 
 
 def interpolate_files(path_a: str | Path, path_b: str | Path, alpha: float, out: str | Path,
@@ -65,7 +66,7 @@ def unblend_files(path_a: str | Path, path_blend: str | Path, alpha: float, out:
     path_a, path_blend, out = Path(path_a), Path(path_blend), Path(out)
     _check_out(out, overwrite, (path_a, path_blend))
     da, dc = archs.load_model(path_a), archs.load_model(path_blend)  # damaged files get the loader's own errors
-    meta = file_metadata(path_blend)
+    meta = safetensors_metadata(path_blend)
     made = re.search(r"alpha = ([0-9.eE+-]+)$", meta.get("interpolation", ""))
     if not made or not meta.get("a"):
         raise InterpolationError(f"{path_blend.name} records no blend (no 'interpolation' and 'a' in its metadata): "

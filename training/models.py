@@ -318,13 +318,9 @@ def lineage(path: str | Path, prefix: str) -> dict[str, str]:
     path = Path(path)
     record = {prefix: f"{path.name} sha256={file_sha256(path)}"}
     try:
-        meta = file_metadata(path)
+        meta = safetensors_metadata(path)
     except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights were loaded elsewhere
         meta = {}
     record.update({f"{prefix}_{k}": v for k, v in meta.items() if k not in ("flexsr_architecture", "scale")})
     return record
 
-
-def file_metadata(path: str | Path) -> dict[str, str]:
-    """A .safetensors file's metadata (its header's ``__metadata__``); other formats carry none."""
-    return safetensors_metadata(path)
